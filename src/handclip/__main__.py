@@ -1,0 +1,3 @@
+from handclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""The ``handclip`` command: parses flags and calls the library. No logic lives here.
+
+Every :class:`~handclip.errors.UserError` becomes one line on stderr and exit code 2.
+Heavy imports (torch, open_clip) happen inside the handlers so ``handclip synth`` starts fast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from handclip.errors import UserError
+
+
+def _prepare(args):
+    from handclip.data.protocols import format_summary, prepare_11k, prepare_hd
+
+    prepare = prepare_11k if args.dataset == "11k" else prepare_hd
+    result = prepare(
+        root=args.root,
+        out=args.out,
+        seed=args.seed,
+        num_splits=args.num_splits,
+        export_folders=args.export_folders,
+        copy=args.copy,
+    )
+    print(format_summary(result))
+
+
+def _synth(args):
+    from handclip.data.synth import synthesize
+
+    width, _, height = args.size.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        raise UserError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 400x300") from None
+    info = synthesize(args.out, ids=args.ids, per_aspect=args.per_aspect, size=size, seed=args.seed)
+    print(f"wrote {info['images']} images of {info['identities']} identities to {args.out}")
+
+
+def _overrides(args) -> dict:
+    from handclip.config import parse_override
+
+    overrides = dict(parse_override(item) for item in args.set or [])
+    flag_keys = {
+        "epochs": "train.epochs",
+        "arch": "model.arch",
+        "pretrained": "model.pretrained",
+        "image_size": "model.image_size",
+        "device": "train.device",
+        "batch_size": "data.batch_size",
+        "seed": "train.seed",
+    }
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    aspects = getattr(args, "aspects", None) or getattr(args, "aspect", None)
+    if aspects:
+        overrides["data.aspects"] = [a.strip() for a in aspects.split(",") if a.strip()]
+    return overrides
+
+
+def _train(args):
+    from handclip.engine.trainer import run_training
+
+    run_training(
+        config_path=args.config,
+        overrides=_overrides(args),
+        data_root=args.data,
+        splits=args.splits,
+        out=args.out,
+        resume=args.resume,
+        init_from=args.init_from,
+        quiet=args.quiet,
+    )
+
+
+def _evaluate(args):
+    from handclip.engine.evaluation import EvaluateOptions, run_evaluate
+
+    options = EvaluateOptions(
+        checkpoints=args.checkpoint or [],
+        zero_shot=args.zero_shot,
+        arch=args.arch,
+        pretrained=args.pretrained,
+        image_size=args.image_size,
+        data_root=args.data,
+        splits=args.splits,
+        aspect=args.aspect,
+        all_aspects=args.all_aspects,
+        query_aspect=args.query_aspect,
+        gallery_aspect=args.gallery_aspect,
+        gallery_all=args.gallery_all,
+        num_splits=args.num_splits,
+        out=args.out,
+        flip=args.flip,
+        rerank=args.rerank,
+        rerank_k1=args.k1,
+        rerank_k2=args.k2,
+        rerank_lambda=args.lambda_value,
+        distance=args.distance,
+        fusion=args.fusion,
+        batch_size=args.batch_size,
+        device=args.device,
+        show_queries=args.show_query or [],
+        quiet=args.quiet,
+    )
+    run_evaluate(options)
+
+
+def _demo(args):
+    from handclip.engine.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, quiet=args.quiet)
+
+
+def _bench(args):
+    from handclip.engine.bench import run_bench
+
+    run_bench(
+        config_path=args.config,
+        overrides=_overrides(args),
+        data_root=args.data,
+        splits=args.splits,
+        out=args.out,
+        steps=args.steps,
+    )
+
+
+def _cache_build(args):
+    from handclip.engine.cache_cli import build_cache_for_splits
+
+    build_cache_for_splits(
+        data_root=args.data, splits=args.splits, aspects=args.aspect, size=args.size, quiet=args.quiet
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="handclip", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="write the published split protocol as CSV manifests")
+    p.add_argument("dataset", choices=["11k", "hd"])
+    p.add_argument("--root", required=True, type=Path, help="dataset download folder")
+    p.add_argument("--out", type=Path, help="splits folder (default ROOT/splits)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-splits", type=int, default=10)
+    p.add_argument("--export-folders", type=Path, metavar="DIR",
+                   help="also write the older tools' folder tree (symlinks)")
+    p.add_argument("--copy", action="store_true", help="with --export-folders: copy images instead of linking")
+    p.set_defaults(handler=_prepare)
+
+    p = sub.add_parser("synth", help="generate synthetic hand photos in the 11k Hands format")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--ids", type=int, default=40)
+    p.add_argument("--per-aspect", type=int, default=4, help="photos per identity and aspect")
+    p.add_argument("--size", default="160x120", help="WIDTHxHEIGHT (11k is 1600x1200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_synth)
+
+    p = sub.add_parser("train", help="fine-tune a CLIP image encoder")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data", type=Path, help="dataset root")
+    p.add_argument("--splits", type=Path, help="splits folder of `handclip prepare`, or a folder tree")
+    p.add_argument("--aspect", help="aspect key, or several separated by commas")
+    p.add_argument("--aspects", help="several aspects for cross-aspect training, e.g. dorsal_r,palmar_r")
+    p.add_argument("--out", type=Path, help="run folder")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder to its configured epochs")
+    p.add_argument("--init-from", type=Path, metavar="CKPT", help="start from an earlier checkpoint's weights")
+    _add_model_flags(p)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("evaluate", help="rank galleries with a checkpoint or a zero-shot CLIP")
+    p.add_argument("--checkpoint", type=Path, action="append", help="repeat to fuse several models")
+    p.add_argument("--zero-shot", action="store_true")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--splits", required=True, type=Path)
+    p.add_argument("--aspect")
+    p.add_argument("--all-aspects", action="store_true")
+    p.add_argument("--query-aspect")
+    p.add_argument("--gallery-aspect")
+    p.add_argument("--gallery-all", action="store_true", help="the published cross-aspect distractor gallery")
+    p.add_argument("--num-splits", type=int)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--flip", action="store_true", help="add horizontally flipped images' features")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    p.add_argument("--k1", type=int, default=20)
+    p.add_argument("--k2", type=int, default=6)
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    p.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
+    p.add_argument("--fusion", choices=["score", "feature"], default="score")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--show-query", action="append", metavar="IMAGE", help="also draw this query's ranking")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("demo", help="synthesise hands, evaluate untrained, train tiny, evaluate again")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (tests)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_demo)
+
+    p = sub.add_parser("bench", help="measure model, loader and end-to-end throughput")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--aspect", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=20)
+    _add_model_flags(p)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("cache", help="decoded-image cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    c = cache_sub.add_parser("build", help="decode every image of the splits once into the cache")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--splits", type=Path, required=True)
+    c.add_argument("--aspect", action="append", help="default: every aspect in the splits folder")
+    c.add_argument("--size", type=int, default=256, help="stored side length")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(handler=_cache_build)
+    return parser
+
+
+def _add_model_flags(p):
+    p.add_argument("--arch", help="open_clip model name, or tiny-vit / tiny-rn")
+    p.add_argument("--pretrained", help="open_clip tag, local weights file, or none")
+    p.add_argument("--image-size", type=int)
+
+
+def _version() -> str:
+    from handclip import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False) is False and os.environ.get("CI"):
+        args.quiet = True  # no progress bars in CI logs
+    try:
+        args.handler(args)
+    except UserError as exc:
+        print(f"handclip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("handclip: interrupted", file=sys.stderr)
+        return 130
+    return 0
