@@ -1,0 +1,99 @@
+"""Checkpoints: weights, the resolved config and the class map in one file, so evaluation
+needs nothing else. Loading never executes pickled code (``torch.load(weights_only=True)``)."""
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from handclip.config import Config, config_from_dict, config_to_dict
+from handclip.errors import UserError
+from handclip.fileio import atomic_write_bytes
+
+CHECKPOINT_FORMAT = "handclip-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: Config, class_names: list[str],
+                    epoch: int, metrics: dict | None = None, training_state: dict | None = None) -> None:
+    """Write a checkpoint atomically. ``training_state`` (optimiser, scheduler, ...) makes it resumable."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": config_to_dict(config),
+        "class_names": list(class_names),
+        "epoch": int(epoch),
+        "metrics": dict(metrics or {}),
+        "model": _unwrap(model).state_dict(),
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read and check a checkpoint; any failure is one ``UserError`` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds pickled code, which handclip never executes"
+        raise UserError(f"{path}: not a handclip checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a handclip checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported "
+                        f"(this handclip reads version {CHECKPOINT_VERSION})")
+    return payload
+
+
+def checkpoint_config(payload: dict) -> Config:
+    return config_from_dict(payload["config"])
+
+
+def build_model_from_checkpoint(payload: dict, path: str | Path, keep_text: bool = False):
+    """Rebuild the model a checkpoint was saved from and load its weights."""
+    from handclip.models.reid import build_reid_model
+
+    config = checkpoint_config(payload)
+    model = build_reid_model(config.model, num_classes=len(payload["class_names"]), keep_text=keep_text)
+    load_weights(model, payload["model"], path)
+    return model, config
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, strict: bool = True) -> None:
+    """Load ``state_dict``; a shape or key mismatch is one line naming the file and the first key."""
+    own = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(f"{path}: weights do not fit this architecture ('{key}' is "
+                            f"{tuple(tensor.shape)}, the model has {tuple(own[key].shape)})")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if strict and (missing or unexpected):
+        key = (missing or unexpected)[0]
+        what = "misses" if missing else "has an unknown key"
+        raise UserError(f"{path}: weights do not fit this architecture (the checkpoint {what} '{key}')")
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """``handclip.load_model``: a ready :class:`~handclip.engine.encoder.Encoder` from a checkpoint."""
+    from handclip.engine.encoder import Encoder
+
+    payload = load_checkpoint(path)
+    model, _ = build_model_from_checkpoint(payload, path)
+    return Encoder(model, device=device)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

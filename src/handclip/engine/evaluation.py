@@ -1,0 +1,302 @@
+"""The evaluation runner: N Monte Carlo query/gallery splits, zero-shot or fine-tuned, one or
+several models (fusion), same-aspect, gallery-all and true cross-aspect protocols.
+
+Every image that any split of a protocol needs is encoded once; splits only index features.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handclip.config import ModelConfig
+from handclip.data.aspects import ASPECT_HD, ASPECTS_11K
+from handclip.data.datasets import ImageDataset
+from handclip.data.manifests import Sample, count_splits, load_split
+from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from handclip.engine.encoder import Encoder
+from handclip.engine.features import extract_features
+from handclip.errors import UserError
+from handclip.fileio import atomic_write_json, atomic_write_text
+from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
+
+METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+@dataclass
+class EvaluateOptions:
+    data_root: Path
+    splits: Path
+    out: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    zero_shot: bool = False
+    arch: str | None = None
+    pretrained: str | None = None
+    image_size: int | None = None
+    aspect: str | None = None
+    all_aspects: bool = False
+    query_aspect: str | None = None
+    gallery_aspect: str | None = None
+    gallery_all: bool = False
+    num_splits: int | None = None
+    flip: bool = False
+    rerank: bool = False
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
+    distance: str = "cosine"
+    fusion: str = "score"
+    batch_size: int = 128
+    device: str = "auto"
+    show_queries: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+
+@dataclass
+class Protocol:
+    """What one evaluation ranks: per split, which images are queries and which gallery, and
+    the key that decides a true match (identity, or identity|aspect when aspects must differ)."""
+
+    name: str
+    aspect: str
+    queries: list[list[Sample]]
+    galleries: list[list[Sample]]
+    match_on_aspect: bool
+
+    def key(self, sample: Sample) -> str:
+        return f"{sample.identity}|{sample.aspect}" if self.match_on_aspect else sample.identity
+
+    def images(self) -> list[Sample]:
+        """Every sample any split needs, each once, in a stable order."""
+        unique = {}
+        for group in self.queries + self.galleries:
+            for sample in group:
+                unique.setdefault(sample.path, sample)
+        return list(unique.values())
+
+
+def run_evaluate(options: EvaluateOptions) -> dict:
+    """``handclip evaluate``: writes results.json/.csv, pictures and report.html in ``options.out``."""
+    encoders = build_encoders(options)
+    protocols = build_protocols(options)
+    out = Path(options.out)
+    results = []
+    for protocol in protocols:
+        target = out / protocol.name if len(protocols) > 1 else out
+        result, ranking = evaluate_protocol(protocol, encoders, options)
+        write_results(target, result)
+        write_pictures(target, protocol, ranking, result, options)
+        results.append(result)
+    if len(results) > 1:
+        atomic_write_json(out / "results.json", {"protocol": results[0]["protocol"], "aspects": results})
+        _write_csv(out / "results.csv", results)
+    print(format_table(results))
+    if not options.quiet:
+        print(f"report: {out / 'report.html' if len(results) == 1 else out}")
+    return results[0] if len(results) == 1 else {"aspects": results}
+
+
+# ---- models --------------------------------------------------------------------------------------
+def build_encoders(options: EvaluateOptions) -> list[Encoder]:
+    if options.zero_shot == bool(options.checkpoints):
+        raise UserError("evaluate needs either --checkpoint CKPT (repeatable) or --zero-shot --arch NAME")
+    if options.zero_shot:
+        return [Encoder(zero_shot_model(options.arch or "ViT-B-16", options.pretrained or "openai",
+                                        options.image_size), device=options.device)]
+    encoders = []
+    for path in options.checkpoints:
+        model, _ = build_model_from_checkpoint(load_checkpoint(path), path)
+        encoders.append(Encoder(model, device=options.device))
+    return encoders
+
+
+def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None):
+    """A raw CLIP image encoder: its projected image embedding is the re-ID feature."""
+    from handclip.models.reid import build_reid_model
+
+    config = ModelConfig(arch=arch, pretrained=pretrained, image_size=image_size, embedding="proj",
+                         neck="none", head="global")
+    return build_reid_model(config, num_classes=0)
+
+
+# ---- protocols ------------------------------------------------------------------------------------
+def build_protocols(options: EvaluateOptions) -> list[Protocol]:
+    data_root, splits = options.data_root, options.splits
+    if options.query_aspect or options.gallery_aspect:
+        if not (options.query_aspect and options.gallery_aspect):
+            raise UserError("cross-aspect evaluation needs both --query-aspect and --gallery-aspect")
+        return [cross_aspect_protocol(data_root, splits, options.query_aspect, options.gallery_aspect,
+                                      options.num_splits)]
+    if options.all_aspects:
+        aspects = [a for a in ASPECTS_11K + (ASPECT_HD,) if _has_aspect(splits, a)]
+        if not aspects:
+            raise UserError(f"{splits}: no aspect has splits here (run `handclip prepare` first)")
+    elif options.aspect:
+        aspects = [options.aspect]
+    else:
+        raise UserError("evaluate needs --aspect A, --all-aspects, or --query-aspect/--gallery-aspect")
+    return [same_aspect_protocol(data_root, splits, a, options.num_splits, options.gallery_all) for a in aspects]
+
+
+def _has_aspect(splits: Path, aspect: str) -> bool:
+    try:
+        return count_splits(splits, aspect) > 0
+    except UserError:
+        return False
+
+
+def _num_splits(splits: Path, aspect: str, wanted: int | None) -> int:
+    available = count_splits(splits, aspect)
+    if available == 0:
+        raise UserError(f"{splits}: no query/gallery splits for aspect '{aspect}'")
+    if wanted is not None and wanted > available:
+        raise UserError(f"--num-splits {wanted}: {splits} has only {available} splits for '{aspect}'")
+    return wanted or available
+
+
+def same_aspect_protocol(data_root, splits, aspect: str, num_splits: int | None, gallery_all: bool) -> Protocol:
+    n = _num_splits(splits, aspect, num_splits)
+    gallery_name = "gallery_{}_all" if gallery_all else "gallery_{}"
+    queries = [load_split(data_root, splits, aspect, f"query_{i}") for i in range(n)]
+    galleries = [load_split(data_root, splits, aspect, gallery_name.format(i)) for i in range(n)]
+    name = f"{aspect}_gallery_all" if gallery_all else aspect
+    return Protocol(name=name, aspect=aspect, queries=queries, galleries=galleries, match_on_aspect=gallery_all)
+
+
+def cross_aspect_protocol(data_root, splits, query_aspect: str, gallery_aspect: str,
+                          num_splits: int | None) -> Protocol:
+    """Queries of one aspect against a gallery of another aspect of the same people: only the
+    identities in both aspects' test sets take part."""
+    n = min(_num_splits(splits, query_aspect, num_splits), _num_splits(splits, gallery_aspect, num_splits))
+    shared = ({s.identity for s in load_split(data_root, splits, query_aspect, "test")}
+              & {s.identity for s in load_split(data_root, splits, gallery_aspect, "test")})
+    if not shared:
+        raise UserError(f"{splits}: no identity is in both the {query_aspect} and the {gallery_aspect} test sets")
+    queries = [[s for s in load_split(data_root, splits, query_aspect, f"query_{i}") if s.identity in shared]
+               for i in range(n)]
+    galleries = [[s for s in load_split(data_root, splits, gallery_aspect, f"gallery_{i}") if s.identity in shared]
+                 for i in range(n)]
+    return Protocol(name=f"{query_aspect}_to_{gallery_aspect}", aspect=f"{query_aspect}->{gallery_aspect}",
+                    queries=queries, galleries=galleries, match_on_aspect=False)
+
+
+# ---- ranking ----------------------------------------------------------------------------------------
+@dataclass
+class Ranking:
+    """Split 0's distances, kept for the pictures."""
+
+    queries: list[Sample]
+    gallery: list[Sample]
+    dist: np.ndarray
+    cmc_mean: np.ndarray
+
+
+def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: EvaluateOptions):
+    images = protocol.images()
+    if not any(protocol.queries):
+        raise UserError(f"{options.splits}: the query set of '{protocol.name}' is empty")
+    position = {s.path: i for i, s in enumerate(images)}
+    features = [encode_all(encoder, images, options) for encoder in encoders]
+    per_split, cmcs, first = [], [], None
+    for queries, gallery in zip(protocol.queries, protocol.galleries):
+        q_index = [position[s.path] for s in queries]
+        g_index = [position[s.path] for s in gallery]
+        dist = fused_distance(features, q_index, g_index, options)
+        try:
+            metrics = evaluate_ranking(dist, [protocol.key(s) for s in queries], [protocol.key(s) for s in gallery])
+        except ValueError:
+            raise UserError(f"{options.splits}: no query of '{protocol.name}' has its identity in the gallery; "
+                            f"every query is unmatched") from None
+        per_split.append({k: float(metrics[k]) for k in METRIC_KEYS} | {"num_queries": int(metrics["num_queries"])})
+        cmcs.append(np.asarray(metrics["cmc"]))
+        if first is None:
+            first = Ranking(queries, gallery, dist, None)
+    first.cmc_mean = np.mean(cmcs, axis=0)
+    return summarise(protocol, per_split, options), first
+
+
+def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:
+    dataset = ImageDataset(images, None, size=encoder.image_size, cache=True, progress=not options.quiet)
+    return extract_features(encoder, dataset, batch_size=options.batch_size, flip=options.flip,
+                            progress=not options.quiet, desc="encode test images")
+
+
+def fused_distance(features: list[torch.Tensor], q_index, g_index, options: EvaluateOptions) -> np.ndarray:
+    """One model's distance; several models fused by mean distance (score) or concatenated
+    L2-normalised features (feature)."""
+    if options.fusion == "feature" and len(features) > 1:
+        features = [torch.nn.functional.normalize(torch.cat(features, dim=1), dim=1)]
+    dists = []
+    for feats in features:
+        query, gallery = feats[q_index], feats[g_index]
+        dist = pairwise_distance(query, gallery, options.distance)
+        if options.rerank:
+            dist = k_reciprocal_rerank(dist, pairwise_distance(query, query, options.distance),
+                                       pairwise_distance(gallery, gallery, options.distance),
+                                       k1=options.rerank_k1, k2=options.rerank_k2,
+                                       lambda_value=options.rerank_lambda)
+        dists.append(dist)
+    return np.mean(dists, axis=0)
+
+
+def summarise(protocol: Protocol, per_split: list[dict], options: EvaluateOptions) -> dict:
+    keys = METRIC_KEYS + ("num_queries",)
+    table = {k: np.array([s[k] for s in per_split], dtype=float) for k in keys}
+    return {
+        "aspect": protocol.aspect,
+        "protocol": _protocol_label(protocol, options),
+        "num_splits": len(per_split),
+        "splits": per_split,
+        "mean": {k: float(table[k].mean()) for k in keys},
+        "std": {k: float(table[k].std()) for k in keys},
+    }
+
+
+def _protocol_label(protocol: Protocol, options: EvaluateOptions) -> str:
+    parts = ["cross-aspect" if "->" in protocol.aspect else ("gallery-all" if protocol.match_on_aspect
+                                                              else "single-aspect")]
+    parts += [p for p, on in (("flip", options.flip), ("rerank", options.rerank)) if on]
+    if len(options.checkpoints) > 1:
+        parts.append(f"fusion-{options.fusion}")
+    return "+".join(parts)
+
+
+# ---- output ---------------------------------------------------------------------------------------
+def write_results(out: Path, result: dict) -> None:
+    atomic_write_json(out / "results.json", result)
+    _write_csv(out / "results.csv", [result])
+
+
+def _write_csv(path: Path, results: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["aspect", "split", *METRIC_KEYS, "num_queries"])
+    for result in results:
+        for i, split in enumerate(result["splits"]):
+            writer.writerow([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"]])
+        for stat in ("mean", "std"):
+            writer.writerow([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
+                             f"{result[stat]['num_queries']:.1f}"])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def format_table(results: list[dict]) -> str:
+    """Percent, mean ± std over splits, as the papers print them."""
+    header = f"{'aspect':<22}" + "".join(f"{k:>16}" for k in METRIC_KEYS) + f"{'queries':>9}{'splits':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        cells = "".join(f"{100 * r['mean'][k]:>9.2f} ± {100 * r['std'][k]:<4.2f}" for k in METRIC_KEYS)
+        lines.append(f"{r['aspect']:<22}{cells}{r['mean']['num_queries']:>9.0f}{r['num_splits']:>7}")
+    return "\n".join(lines)
+
+
+def write_pictures(out: Path, protocol: Protocol, ranking: Ranking, result: dict, options: EvaluateOptions) -> None:
+    from handclip.engine.report_writer import write_evaluation_report
+
+    history = [p.parent.parent / "history.csv" for p in options.checkpoints]
+    write_evaluation_report(out, protocol, ranking, result, history_csvs=[h for h in history if h.exists()],
+                            show_queries=options.show_queries)

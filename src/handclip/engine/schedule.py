@@ -1,0 +1,31 @@
+"""Optimisers and learning-rate schedules built from :class:`~handclip.config.OptimConfig`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from handclip.config import OptimConfig
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def lr_factor(epoch: int, cfg: OptimConfig, total_epochs: int) -> float:
+    """Multiplier of every group's base lr at ``epoch`` (0-based): linear warm-up, then cosine/step."""
+    if epoch < cfg.warmup_epochs:
+        return 0.1 + 0.9 * epoch / max(cfg.warmup_epochs, 1)
+    if cfg.schedule == "cosine":
+        span = max(total_epochs - cfg.warmup_epochs, 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_epochs: int):
+    """Stepped once per epoch; its state dict goes into the checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg, total_epochs))

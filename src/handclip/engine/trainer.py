@@ -1,0 +1,387 @@
+"""The training engine: one resumable fine-tuning run, or a chain of sequential stages.
+
+Randomness is derived from (seed, epoch) at the start of every epoch — the batch sampler,
+the augmentation generator and torch's global RNG — so a run resumed from the checkpoint of
+epoch e replays epoch e+1 exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import handclip
+from handclip.config import Config, config_from_dict, dump_config, load_config, read_yaml, stage_config
+from handclip.data.datasets import ImageDataset
+from handclip.data.samplers import PKSampler, RandomBatchSampler
+from handclip.data.transforms import TrainTransform
+from handclip.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from handclip.engine.encoder import Encoder, autocast, resolve_device
+from handclip.engine.features import extract_features
+from handclip.engine.schedule import build_optimizer, build_scheduler
+from handclip.engine.training_data import TrainingData, identity_key, load_training_data
+from handclip.errors import UserError
+from handclip.fileio import atomic_write_json, atomic_write_text
+from handclip.losses.combined import ReIDLoss
+from handclip.metrics import evaluate_ranking, pairwise_distance
+from handclip.models.freezing import apply_freezing
+from handclip.models.reid import build_reid_model
+
+RUN_FILE = "run.json"  # where the data came from, so --resume needs only the folder
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+def run_training(config_path=None, overrides=None, data_root=None, splits=None, out=None, resume=None,
+                 init_from=None, quiet=False) -> Path:
+    """The ``handclip train`` entry point; returns the run folder."""
+    if resume is not None:
+        return _resume(Path(resume), overrides or {}, quiet)
+    if data_root is None or splits is None or out is None:
+        raise UserError("train needs --data, --splits and --out (or --resume RUN)")
+    config = load_config(config_path, overrides)
+    out = Path(out)
+    if RunPaths(out).history.exists() or RunPaths(out).last.exists():
+        raise UserError(f"{out}: a run already exists there; continue it with --resume {out} or choose another --out")
+    invocation = {"data_root": str(Path(data_root).resolve()), "splits": str(Path(splits).resolve()),
+                  "init_from": str(Path(init_from).resolve()) if init_from else None}
+    if config.stages:
+        return _run_stages(config, invocation, out, quiet)
+    Trainer(config, out, invocation, quiet=quiet).fit()
+    return out
+
+
+def _resume(run: Path, overrides: dict, quiet: bool) -> Path:
+    paths = RunPaths(run)
+    if not paths.config.exists() or not (run / RUN_FILE).exists():
+        raise UserError(f"{run}: not a handclip run folder (no config.yaml / {RUN_FILE})")
+    unexpected = set(overrides) - {"train.epochs", "train.device"}
+    if unexpected:
+        raise UserError(f"--resume keeps the run's config; '{sorted(unexpected)[0]}' cannot change "
+                        f"(start a new run with --init-from {paths.best} instead)")
+    mapping = read_yaml(paths.config)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        mapping[section][name] = value
+    config = config_from_dict(mapping)
+    invocation = json.loads((run / RUN_FILE).read_text())
+    if config.stages:
+        return _run_stages(config, invocation, run, quiet)
+    Trainer(config, run, invocation, quiet=quiet).fit()
+    return run
+
+
+def _run_stages(config: Config, invocation: dict, out: Path, quiet: bool) -> Path:
+    """Sequential fine-tuning: stage i starts from stage i-1's best checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(config))
+    atomic_write_json(out / RUN_FILE, invocation)
+    init_from = invocation.get("init_from")
+    summary = []
+    for index in range(len(config.stages)):
+        stage_dir = out / f"stage_{index + 1}"
+        stage_invocation = dict(invocation, init_from=init_from)
+        trainer = Trainer(stage_config(config, index), stage_dir, stage_invocation, quiet=quiet)
+        trainer.fit()
+        init_from = str(RunPaths(stage_dir).best)
+        summary.append({"stage": index + 1, "aspects": trainer.config.data.aspects, "run": stage_dir.name,
+                        **trainer.best_metrics})
+    atomic_write_json(out / "stages.json", summary)
+    return out
+
+
+@dataclass
+class Trainer:
+    config: Config
+    out: Path
+    invocation: dict
+    quiet: bool = False
+    best_metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.paths = RunPaths(Path(self.out))
+        self.device = resolve_device(self.config.train.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"train.device '{self.config.train.device}': no CUDA GPU is available here")
+        self.data: TrainingData = load_training_data(self.invocation["data_root"], self.invocation["splits"],
+                                                     self.config.data.aspects, self.config.data.identity)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _build(self):
+        cfg = self.config
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_reid_model(cfg.model, num_classes=len(self.data.class_names)).to(self.device)
+        if self.invocation.get("init_from"):
+            _init_weights(self.model, Path(self.invocation["init_from"]))
+        apply_freezing(self.model.backbone, cfg.model.unfreeze, cfg.model.bn_policy)
+        self.loss_fn = ReIDLoss(cfg.loss, len(self.data.class_names), self.model.feature_dims).to(self.device)
+        groups = self.model.param_groups(cfg.optim)
+        loss_params = [p for p in self.loss_fn.non_center_parameters() if p.requires_grad]
+        if loss_params:
+            groups.append({"params": loss_params, "lr": cfg.optim.lr * cfg.optim.head_lr_mult, "name": "loss"})
+        self.optimizer = build_optimizer(groups, cfg.optim, fused=self.device.type == "cuda")
+        centers = list(self.loss_fn.center_parameters())
+        self.center_optimizer = torch.optim.SGD(centers, lr=cfg.loss.center_lr) if centers else None
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
+        size = cfg.data.cache_size or round(self.model.image_size * 8 / 7)
+        self.dataset = ImageDataset(self.data.samples, None, size=size, cache=cfg.data.cache,
+                                    progress=not self.quiet)
+        self.labels = torch.tensor(self.data.labels)
+        self.sampler = self._make_sampler()
+        self.augment = TrainTransform(self.model.image_size, cfg.data.augment, self.model.mean, self.model.std)
+        self.encoder = Encoder(self.model, device=self.device, amp=cfg.train.amp)
+
+    def _make_sampler(self):
+        cfg = self.config.data
+        if cfg.sampler == "pk":
+            groups = [s.aspect for s in self.data.train] if cfg.aspect_balanced else None
+            return PKSampler(self.data.labels, cfg.batch_size, cfg.k, seed=self.config.train.seed, group_of=groups)
+        return RandomBatchSampler(len(self.data.train), cfg.batch_size, seed=self.config.train.seed,
+                                  drop_last=len(self.data.train) >= cfg.batch_size)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self._build()
+        start_epoch = self._restore()
+        self._write_run_files()
+        epochs = self.config.train.epochs
+        bar = tqdm(range(start_epoch, epochs), desc=f"train {self.paths.root.name}", disable=self.quiet,
+                   initial=start_epoch, total=epochs, unit="epoch")
+        for epoch in bar:
+            row = self._train_epoch(epoch)
+            if (epoch + 1) % self.config.train.eval_every == 0 or epoch + 1 == epochs:
+                row.update(self._validate())
+            self._end_epoch(epoch, row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", mAP=row.get("val_mAP", ""))
+        if not self.paths.best.exists() and self.paths.last.exists():
+            # no validation ever ran (e.g. no val images): the last weights are the best we have
+            save_checkpoint(self.paths.best, model=self.model, config=self.config,
+                            class_names=self.data.class_names, epoch=epochs - 1)
+        self._plot()
+        return self.best_metrics
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(self.config.train.seed * 100_003 + epoch)
+        generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed * 1_000_003 + epoch)
+        totals: dict[str, float] = {}
+        correct = seen = 0
+        started = time.perf_counter()
+        for indices in tqdm(self.sampler, desc=f"epoch {epoch + 1}", disable=self.quiet, leave=False, unit="batch"):
+            images = self.dataset.batch(indices).to(self.device, non_blocking=True)
+            labels = self.labels[indices].to(self.device, non_blocking=True)
+            terms, logits = self._step(self.augment(images, generator=generator), labels)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value * len(indices)
+            if logits is not None:
+                correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(indices)
+        elapsed = time.perf_counter() - started
+        self.scheduler.step()
+        row = {"epoch": epoch + 1}
+        row.update({f"loss_{name}": totals[name] / max(seen, 1) for name in totals if name != "total"})
+        row["loss"] = totals.get("total", 0.0) / max(seen, 1)
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["train_acc"] = correct / max(seen, 1)
+        row["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+        return row
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor):
+        try:
+            with autocast(self.device, self.config.train.amp):
+                outputs = self.model(images, labels)
+                total, terms = self.loss_fn(outputs, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.center_optimizer is not None:
+                self.center_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if self.config.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+            self.optimizer.step()
+            if self.center_optimizer is not None:
+                self.center_optimizer.step()
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"GPU out of memory at batch size {self.config.data.batch_size}; "
+                            f"try --batch-size {max(self.config.data.batch_size // 2, 1)}") from None
+        values = {name: float(value) for name, value in terms.items()}
+        values["total"] = float(total.detach())
+        logits = outputs["logits"][0].detach() if outputs.get("logits") else None
+        return values, logits
+
+    def _validate(self) -> dict:
+        """Val images as queries against the train images (same identities) as gallery."""
+        if not self.data.val:
+            return {}
+        query = extract_features(self.encoder, self.dataset, list(self.data.val_indices),
+                                 self.config.train.eval_batch_size)
+        gallery = extract_features(self.encoder, self.dataset, list(self.data.train_indices),
+                                   self.config.train.eval_batch_size)
+        mode = self.data.identity_mode
+        result = evaluate_ranking(pairwise_distance(query, gallery),
+                                  [identity_key(s, mode) for s in self.data.val],
+                                  [identity_key(s, mode) for s in self.data.train])
+        return {"val_rank1": result["rank1"], "val_mAP": result["mAP"]}
+
+    # ---- files --------------------------------------------------------------------------------
+    def _end_epoch(self, epoch: int, row: dict) -> None:
+        """Checkpoint first, then history: a kill in between replays this epoch on resume, and the
+        history is cut back to the checkpoint's epoch, so every epoch appears exactly once."""
+        improved = "val_mAP" in row and row["val_mAP"] >= self.best_metrics.get("val_mAP", -1.0)
+        if improved:
+            self.best_metrics = {"epoch": epoch + 1, "val_rank1": row["val_rank1"], "val_mAP": row["val_mAP"]}
+        state = self._training_state(epoch)
+        save_checkpoint(self.paths.last, model=self.model, config=self.config, class_names=self.data.class_names,
+                        epoch=epoch, metrics=row, training_state=state)
+        if improved:
+            save_checkpoint(self.paths.best, model=self.model, config=self.config,
+                            class_names=self.data.class_names, epoch=epoch, metrics=row)
+        self._append_history(row)
+
+    def _training_state(self, epoch: int) -> dict:
+        state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),
+                 "best_metrics": dict(self.best_metrics)}
+        if self.center_optimizer is not None:
+            state["center_optimizer"] = self.center_optimizer.state_dict()
+        return state
+
+    def _restore(self) -> int:
+        """Continue from last.pt when the run folder has one; returns the first epoch to train."""
+        if not self.paths.last.exists():
+            return 0
+        payload = load_checkpoint(self.paths.last, map_location=self.device)
+        state = payload.get("training_state")
+        if state is None:
+            raise UserError(f"{self.paths.last}: holds no training state, cannot resume")
+        load_weights(self.model, payload["model"], self.paths.last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if self.center_optimizer is not None and "center_optimizer" in state:
+            self.center_optimizer.load_state_dict(state["center_optimizer"])
+        self.best_metrics = dict(state.get("best_metrics", {}))
+        _truncate_history(self.paths.history, state["epoch"] + 1)
+        return state["epoch"] + 1
+
+    def _write_run_files(self) -> None:
+        root = self.paths.root
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.paths.config, dump_config(self.config))
+        atomic_write_json(root / RUN_FILE, self.invocation)
+        atomic_write_json(root / "env.json", environment(self.device))
+        atomic_write_json(root / "classes.json", self.data.class_names)
+
+    def _append_history(self, row: dict) -> None:
+        """Rewrite history.csv whole (atomically) with the new row: never a half-written line."""
+        rows = _read_history(self.paths.history) + [row]
+        columns = _history_columns(rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.paths.history, buffer.getvalue())
+
+    def _plot(self) -> None:
+        from handclip.report.plots import plot_history
+
+        if self.paths.history.exists():
+            plot_history(self.paths.history, self.paths.plots)
+
+
+def _history_columns(rows: list[dict]) -> list[str]:
+    fixed_head, fixed_tail = ["epoch"], ["loss", "lr", "train_acc", "val_rank1", "val_mAP", "img_per_s"]
+    terms = sorted({k for row in rows for k in row if k.startswith("loss_")})
+    return fixed_head + terms + fixed_tail
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _truncate_history(path: Path, epochs_done: int) -> None:
+    rows = [r for r in _read_history(path) if int(r["epoch"]) <= epochs_done]
+    if not path.exists():
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_history_columns(rows) if rows else ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _init_weights(model: torch.nn.Module, path: Path) -> None:
+    """--init-from: take every weight whose name and shape fit (the backbone must fit whole);
+    new heads (another class map, another head) start fresh."""
+    payload = load_checkpoint(path)
+    own = model.state_dict()
+    fitting = {k: v for k, v in payload["model"].items() if k in own and own[k].shape == v.shape}
+    backbone_keys = [k for k in own if k.startswith("backbone.")]
+    missing = [k for k in backbone_keys if k not in fitting]
+    if missing:
+        raise UserError(f"{path}: its backbone does not fit model.arch '{payload['config']['model']['arch']}' → "
+                        f"this config (first mismatch '{missing[0]}')")
+    model.load_state_dict(fitting, strict=False)
+
+
+def environment(device: torch.device) -> dict:
+    """What produced a run: versions, commit, device."""
+    import open_clip
+
+    env = {
+        "handclip": handclip.__version__,
+        "git_commit": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "open_clip": getattr(open_clip, "__version__", "unknown"),
+        "device": str(device),
+        "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _git_commit() -> str | None:
+    source = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
