@@ -119,6 +119,7 @@ def test_i2t_is_smoothed_cross_entropy_of_the_text_logits(data):
 
 
 def manual_batch_hard(features, labels, margin, soft):
+    """Per-anchor losses: hardest positive against hardest negative."""
     dist = torch.cdist(features, features)
     losses = []
     for i in range(len(labels)):
@@ -126,18 +127,21 @@ def manual_batch_hard(features, labels, margin, soft):
         negatives = [dist[i, j] for j in range(len(labels)) if labels[j] != labels[i]]
         gap = max(positives) - min(negatives)
         losses.append(F.softplus(gap) if soft else F.relu(gap + margin))
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
 
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_batch_hard_triplet_matches_a_manual_loop(soft):
     generator = torch.Generator().manual_seed(1)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
-    features = [torch.randn(10, dim, generator=generator) for dim in BRANCH_DIMS]
+    far_away = (labels == 3).float().unsqueeze(1) * 10  # class 3's anchors meet the margin
+    features = [torch.randn(10, dim, generator=generator) + far_away for dim in BRANCH_DIMS]
     cfg = loss_config(triplet=1.0, triplet_margin=0.3, triplet_soft=soft)
     _, terms = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)({"metric": features, "logits": []}, labels)
-    expected = sum(manual_batch_hard(f, labels, 0.3, soft) for f in features) / 2
-    torch.testing.assert_close(terms["triplet"], expected)
+    per_anchor = [manual_batch_hard(f, labels, 0.3, soft) for f in features]
+    if not soft:  # the mean runs over all anchors, the satisfied ones (loss 0) included, as in BoT
+        assert all((losses == 0).any() and (losses > 0).any() for losses in per_anchor)
+    torch.testing.assert_close(terms["triplet"], sum(losses.mean() for losses in per_anchor) / 2)
 
 
 def test_center_loss_matches_the_formula(data):
