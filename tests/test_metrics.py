@@ -157,9 +157,12 @@ def features_case(seed, num_query=30, num_gallery=25, dim=6):
             pairwise_distance(gallery, gallery, "euclidean"))
 
 
-@pytest.mark.parametrize("k1, k2", [(20, 6), (5, 1), (7, 3)])
-def test_rerank_matches_reference(k1, k2):
-    q_g, q_q, g_g = features_case(seed=k1)
+@pytest.mark.parametrize("k1, k2, num_query, num_gallery", [
+    (20, 6, 30, 25), (5, 1, 30, 25), (7, 3, 30, 25),
+    (20, 6, 8, 5),  # fewer images than k1: every image is a neighbour
+])
+def test_rerank_matches_reference(k1, k2, num_query, num_gallery):
+    q_g, q_q, g_g = features_case(seed=k1, num_query=num_query, num_gallery=num_gallery)
     got = k_reciprocal_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=0.3)
     assert got.shape == q_g.shape
     np.testing.assert_allclose(got, reference_rerank(q_g, q_q, g_g, k1, k2, 0.3), atol=1e-5)

@@ -44,12 +44,7 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
     AP is the mean precision at the ranks of the true matches; INP is
     (number of true matches) / (rank of the last true match).
     """
-    dist = np.asarray(dist)
-    if dist.shape != (len(query_ids), len(gallery_ids)):
-        raise ValueError(f"dist has shape {dist.shape}, expected ({len(query_ids)}, {len(gallery_ids)})")
-    query_codes, gallery_codes = _encode_ids(query_ids, gallery_ids)
-    order = np.argsort(dist, axis=1, kind="stable")
-    matches = gallery_codes[order] == query_codes[:, None]
+    _, matches = ranked_matches(dist, query_ids, gallery_ids)
     matches = matches[matches.any(axis=1)]
     if len(matches) == 0:
         raise ValueError("no query has its identity in the gallery")
@@ -76,6 +71,18 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
     }
 
 
+def ranked_matches(dist, query_ids: Sequence[Hashable],
+                   gallery_ids: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's gallery order, nearest first (stable argsort of ``dist``), and (Q, G) booleans
+    saying which of those ranked gallery images share the query's id."""
+    dist = np.asarray(dist)
+    if dist.shape != (len(query_ids), len(gallery_ids)):
+        raise ValueError(f"dist has shape {dist.shape}, expected ({len(query_ids)}, {len(gallery_ids)})")
+    query_codes, gallery_codes = _encode_ids(query_ids, gallery_ids)
+    order = np.argsort(dist, axis=1, kind="stable")
+    return order, gallery_codes[order] == query_codes[:, None]
+
+
 def _encode_ids(query_ids, gallery_ids) -> tuple[np.ndarray, np.ndarray]:
     """Both id lists as integer codes of one shared table (exact equality, no dtype coercion)."""
     table: dict = {}
@@ -90,7 +97,7 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: 
     ``q_g``, ``q_q``, ``g_g``: query–gallery, query–query and gallery–gallery distances.
     As in the authors' code, the joint (Q+G)² distance is squared and each image's row divided
     by its largest value, so ``lambda_value=1`` returns ``q_g**2 / max(q_q[i]**2, q_g[i]**2)``
-    per query row i: the original ranking, rescaled. The result is
+    per query row i (symmetric ``q_q``): the original ranking, rescaled. The result is
     ``(1 - lambda) * jaccard + lambda * that``.
     """
     q_g, q_q, g_g = (np.asarray(d, dtype=np.float32) for d in (q_g, q_q, g_g))
