@@ -294,6 +294,13 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'data.k': with sampler pk, k must be >= 2 and divide data.batch_size")
     if config.train.epochs < 0:
         raise UserError("config key 'train.epochs': must be >= 0")
+    if config.train.seed < 0:
+        raise UserError("config key 'train.seed': must be >= 0")
+    if (config.loss.triplet > 0 or config.loss.supcon > 0) and config.data.sampler != "pk":
+        raise UserError("config key 'data.sampler': triplet and SupCon losses need identity-balanced batches "
+                        "(data.sampler: pk)")
+    if config.data.aspect_balanced and config.data.sampler != "pk":
+        raise UserError("config key 'data.aspect_balanced': needs data.sampler: pk")
     for section, value in (("loss", config.loss), ):
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)

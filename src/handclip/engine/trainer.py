@@ -142,7 +142,9 @@ class Trainer:
     def _build(self):
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
-        self.model = build_reid_model(cfg.model, num_classes=len(self.data.class_names)).to(self.device)
+        self.uses_prompts = cfg.prompt.stage1_epochs > 0 or cfg.loss.i2t > 0
+        self.model = build_reid_model(cfg.model, num_classes=len(self.data.class_names),
+                                      keep_text=self.uses_prompts).to(self.device)
         if self.invocation.get("init_from"):
             _init_weights(self.model, Path(self.invocation["init_from"]))
         apply_freezing(self.model.backbone, cfg.model.unfreeze, cfg.model.bn_policy)
@@ -162,6 +164,7 @@ class Trainer:
         self.sampler = self._make_sampler()
         self.augment = TrainTransform(self.model.image_size, cfg.data.augment, self.model.mean, self.model.std)
         self.encoder = Encoder(self.model, device=self.device, amp=cfg.train.amp)
+        self.text_features = None  # CLIP-ReID: learned identity text features, (classes, E)
 
     def _make_sampler(self):
         cfg = self.config.data
@@ -176,6 +179,8 @@ class Trainer:
         self._build()
         start_epoch = self._restore()
         self._write_run_files()
+        if self.uses_prompts and self.text_features is None:
+            self.text_features = self._learn_prompts()
         epochs = self.config.train.epochs
         bar = tqdm(range(start_epoch, epochs), desc=f"train {self.paths.root.name}", disable=self.quiet,
                    initial=start_epoch, total=epochs, unit="epoch")
@@ -223,7 +228,7 @@ class Trainer:
         try:
             with autocast(self.device, self.config.train.amp):
                 outputs = self.model(images, labels)
-                total, terms = self.loss_fn(outputs, labels)
+                total, terms = self.loss_fn(outputs, labels, self._text_logits(outputs))
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)
@@ -240,6 +245,19 @@ class Trainer:
         values["total"] = float(total.detach())
         logits = outputs["logits"][0].detach() if outputs.get("logits") else None
         return values, logits
+
+    def _learn_prompts(self) -> torch.Tensor:
+        """CLIP-ReID stage 1: identity text tokens learned with both encoders frozen."""
+        from handclip.engine.prompts import learn_identity_texts
+
+        return learn_identity_texts(self.model, self.dataset, self.labels, self.config, self.device,
+                                    quiet=self.quiet).to(self.device)
+
+    def _text_logits(self, outputs: dict) -> torch.Tensor | None:
+        if self.text_features is None or self.config.loss.i2t <= 0:
+            return None
+        image = torch.nn.functional.normalize(outputs["global"].float(), dim=1)
+        return self.model.backbone.logit_scale.exp() * image @ self.text_features.T
 
     def _validate(self) -> dict:
         """Val images as queries against the train images (same identities) as gallery."""
@@ -274,6 +292,8 @@ class Trainer:
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(),
                  "best_metrics": dict(self.best_metrics)}
+        if self.text_features is not None:
+            state["text_features"] = self.text_features.cpu()
         if self.center_optimizer is not None:
             state["center_optimizer"] = self.center_optimizer.state_dict()
         return state
@@ -293,6 +313,8 @@ class Trainer:
         if self.center_optimizer is not None and "center_optimizer" in state:
             self.center_optimizer.load_state_dict(state["center_optimizer"])
         self.best_metrics = dict(state.get("best_metrics", {}))
+        if "text_features" in state:
+            self.text_features = state["text_features"].to(self.device)
         _truncate_history(self.paths.history, state["epoch"] + 1)
         return state["epoch"] + 1
 
