@@ -57,7 +57,7 @@ def test_value_checks():
 
 
 def test_ints_widen_to_floats_and_unfreeze_takes_both_kinds():
-    config = config_from_dict({"loss": {"triplet": 1}, "model": {"unfreeze": 3}})
+    config = config_from_dict({"loss": {"triplet": 1}, "data": {"sampler": "pk"}, "model": {"unfreeze": 3}})
     assert config.loss.triplet == 1.0 and isinstance(config.loss.triplet, float)
     assert config.model.unfreeze == 3
     assert config_from_dict({"model": {"unfreeze": "none"}}).model.unfreeze == "none"
@@ -105,3 +105,10 @@ def test_defaults_are_the_original_baseline():
     config = Config()
     assert (config.model.arch, config.model.pretrained, config.loss.ce, config.loss.triplet) == \
         ("ViT-B-16", "openai", 1.0, 0.0)
+
+
+def test_pair_losses_require_pk_sampler():
+    with pytest.raises(UserError, match="data.sampler"):
+        config_from_dict({"loss": {"triplet": 1.0}, "data": {"sampler": "random"}})
+    with pytest.raises(UserError, match="train.seed"):
+        config_from_dict({"train": {"seed": -1}})
