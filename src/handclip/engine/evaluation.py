@@ -94,9 +94,10 @@ def run_evaluate(options: EvaluateOptions) -> dict:
     if len(results) > 1:
         atomic_write_json(out / "results.json", {"protocol": results[0]["protocol"], "aspects": results})
         _write_csv(out / "results.csv", results)
+        write_summary_report(out, protocols, results)
     print(format_table(results))
     if not options.quiet:
-        print(f"report: {out / 'report.html' if len(results) == 1 else out}")
+        print(f"report: {out / 'report.html'}")
     return results[0] if len(results) == 1 else {"aspects": results}
 
 
@@ -292,6 +293,16 @@ def format_table(results: list[dict]) -> str:
         cells = "".join(f"{100 * r['mean'][k]:>9.2f} ± {100 * r['std'][k]:<4.2f}" for k in METRIC_KEYS)
         lines.append(f"{r['aspect']:<22}{cells}{r['mean']['num_queries']:>9.0f}{r['num_splits']:>7}")
     return "\n".join(lines)
+
+
+def write_summary_report(out: Path, protocols: list[Protocol], results: list[dict]) -> None:
+    """One page for several aspects: the joint table, and each aspect's CMC and worst queries."""
+    from handclip.report.html import write_report
+
+    images = [(f"{p.aspect}: {caption}", f"{p.name}/{name}") for p in protocols
+              for caption, name in (("CMC", "cmc.png"), ("worst queries", "worst_queries.png"))
+              if (out / p.name / name).exists()]
+    write_report(out, title="handclip evaluation: all aspects", results={"aspects": results}, images=images)
 
 
 def write_pictures(out: Path, protocol: Protocol, ranking: Ranking, result: dict, options: EvaluateOptions) -> None:
