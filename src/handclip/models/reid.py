@@ -1,0 +1,83 @@
+"""The re-ID model: CLIP backbone → head (one or more branches) → per-branch neck and classifier.
+
+``forward(images, labels=None)`` returns
+
+- ``metric``: per-branch features for the metric losses (before or after the neck, per config),
+- ``logits``: per-branch classifier logits ([] when ``num_classes`` is 0),
+- ``embedding``: the test feature, all branches concatenated (before or after the neck; not
+  normalised). With head global, neck none and embedding proj it is exactly the CLIP image
+  embedding (zero-shot evaluation),
+- ``global``: the CLIP image embedding (``proj``), for CLIP-ReID's image-to-text loss.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from handclip.config import ModelConfig, OptimConfig
+from handclip.errors import UserError
+from handclip.models.backbones import Backbone, create_backbone
+from handclip.models.classifiers import make_classifier
+from handclip.models.freezing import apply_freezing
+from handclip.models.heads import make_head
+from handclip.models.necks import BNNeck
+
+
+class ReIDModel(nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module, necks: list[nn.Module], classifiers: list[nn.Module],
+                 metric_feature: str = "before_bn", test_feature: str = "after_bn", layer_decay: float = 1.0):
+        super().__init__()
+        for key, value in (("metric_feature", metric_feature), ("test_feature", test_feature)):
+            if value not in ("before_bn", "after_bn"):
+                raise UserError(f"config key 'model.{key}': {value!r} is not before_bn or after_bn")
+        self.backbone = backbone
+        self.head = head
+        self.necks = nn.ModuleList(necks)
+        self.classifiers = nn.ModuleList(classifiers)
+        self.metric_feature = metric_feature
+        self.test_feature = test_feature
+        self.layer_decay = layer_decay
+        self.feature_dims = list(head.dims)
+        self.embedding_dim = sum(head.dims)
+        self.num_classes = classifiers[0].weight.shape[0] if classifiers else 0
+        self.image_size, self.mean, self.std = backbone.image_size, backbone.mean, backbone.std
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        features = self.backbone(images)
+        before = self.head(features)
+        after = [neck(feature) for neck, feature in zip(self.necks, before)]
+        metric = before if self.metric_feature == "before_bn" else after
+        test = before if self.test_feature == "before_bn" else after
+        logits = [classifier(feature, labels) for classifier, feature in zip(self.classifiers, after)]
+        return {"metric": metric, "logits": logits, "embedding": torch.cat(test, dim=1), "global": features["proj"]}
+
+    def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
+        """Optimiser groups of the trainable parameters: backbone groups from the top down with
+        lr × layer_decay^depth (the final group has depth 0), new layers with lr × head_lr_mult."""
+        groups = self.backbone.layer_groups()
+        names = ["stem", *(f"block{i}" for i in range(1, len(groups) - 1)), "final"]
+        result = []
+        for depth, (name, group) in enumerate(zip(reversed(names), reversed(groups))):
+            result.append({"name": f"backbone.{name}", "params": _trainable(group),
+                           "lr": optim_cfg.lr * self.layer_decay ** depth, "weight_decay": optim_cfg.weight_decay})
+        result.append({"name": "head", "params": _trainable([self.head, self.necks, self.classifiers]),
+                       "lr": optim_cfg.lr * optim_cfg.head_lr_mult, "weight_decay": optim_cfg.weight_decay})
+        return [group for group in result if group["params"]]
+
+
+def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def build_reid_model(model_cfg: ModelConfig, num_classes: int, keep_text: bool = False) -> ReIDModel:
+    """The model ``model_cfg`` describes, with its freezing applied; ``num_classes`` 0: no classifiers."""
+    backbone = create_backbone(model_cfg.arch, model_cfg.pretrained, model_cfg.image_size, keep_text)
+    apply_freezing(backbone, model_cfg.unfreeze, model_cfg.bn_policy)
+    head = make_head(model_cfg.head, backbone, model_cfg.embedding, model_cfg.parts, model_cfg.part_direction)
+    if model_cfg.neck not in ("none", "bnneck"):
+        raise UserError(f"config key 'model.neck': {model_cfg.neck!r} is not none or bnneck")
+    necks = [BNNeck(dim) if model_cfg.neck == "bnneck" else nn.Identity() for dim in head.dims]
+    classifiers = [make_classifier(model_cfg.classifier, dim, num_classes, model_cfg.classifier_scale,
+                                   model_cfg.classifier_margin) for dim in head.dims] if num_classes > 0 else []
+    return ReIDModel(backbone, head, necks, classifiers, model_cfg.metric_feature, model_cfg.test_feature,
+                     model_cfg.layer_decay)
