@@ -412,3 +412,13 @@ def test_margin_applies_to_the_true_class_in_training(kind):
     others[rows, labels] = False
     torch.testing.assert_close(logits[others], 16.0 * cosines[others])
     torch.testing.assert_close(classifier(features), 16.0 * cosines)  # no labels: no margin
+
+
+@pytest.mark.parametrize("kind", ["cosine", "arcface", "cosface"])
+def test_cosine_classifiers_stay_float32_under_bf16_autocast(kind):
+    classifier = make_classifier(kind, 8, 5, scale=16.0, margin=0.4).train()
+    features, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = classifier(features, labels)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, classifier(features, labels))

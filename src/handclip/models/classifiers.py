@@ -33,11 +33,13 @@ class CosineClassifier(nn.Module):
         self.scale = scale
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cosine = F.linear(F.normalize(features), F.normalize(self.weight))
-        if labels is not None and self.training:
-            target = cosine.gather(1, labels[:, None])
-            cosine = cosine.scatter(1, labels[:, None], self.target_logit(target))
-        return self.scale * cosine
+        # float32 even under autocast: bf16 keeps ~3 digits, too coarse for cosines near 1 and margins.
+        with torch.autocast(features.device.type, enabled=False):
+            cosine = F.linear(F.normalize(features.float()), F.normalize(self.weight.float()))
+            if labels is not None and self.training:
+                target = cosine.gather(1, labels[:, None])
+                cosine = cosine.scatter(1, labels[:, None], self.target_logit(target))
+            return self.scale * cosine
 
     def target_logit(self, cosine: torch.Tensor) -> torch.Tensor:
         return cosine
