@@ -127,9 +127,7 @@ class Backbone(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (N, L) → CLIP text embeddings (N, E), not normalised."""
-        if self.text is None:
-            raise RuntimeError("this backbone was built without its text tower (keep_text=False)")
-        return self.text(tokens)
+        return self._text_tower()(tokens)
 
     def encode_text_embeddings(self, prompt_embeds: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         """Run the text transformer on token EMBEDDINGS (N, L, width), e.g. prompts with learned
@@ -145,13 +143,17 @@ class Backbone(nn.Module):
             return x
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
-    def _clip_text(self) -> TextTransformer:
+    def _text_tower(self) -> nn.Module:
         if self.text is None:
             raise RuntimeError("this backbone was built without its text tower (keep_text=False)")
-        if not isinstance(self.text, TextTransformer) or self.text.cls_emb is not None or self.text.use_pad_mask:
-            raise UserError(f"model.arch '{self.arch}': prompt learning needs a CLIP-style text tower, "
-                            f"this one is {type(self.text).__name__}")
         return self.text
+
+    def _clip_text(self) -> TextTransformer:
+        text = self._text_tower()
+        if not isinstance(text, TextTransformer) or text.cls_emb is not None or text.use_pad_mask:
+            raise UserError(f"model.arch '{self.arch}': prompt learning needs a CLIP-style text tower, "
+                            f"this one is {type(text).__name__}")
+        return text
 
 
 def create_backbone(arch: str, pretrained: str = "none", image_size: int | None = None,
