@@ -28,14 +28,14 @@ class ModelConfig:
     # What trains: "all", "none" (frozen backbone, only new layers learn), or N = the last N
     # transformer blocks (ViT) / residual stages (RN) plus everything after them.
     unfreeze: Union[int, Literal["all", "none"]] = "all"
-    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 = off
+    layer_decay: float = 1.0  # layer-wise lr decay per block from the top; 1.0 = off
     bn_policy: Literal["train", "frozen"] = "train"  # RN BatchNorm statistics: update, or keep as loaded
     neck: Literal["none", "bnneck"] = "bnneck"
     metric_feature: Literal["before_bn", "after_bn"] = "before_bn"  # what triplet/center/SupCon see
     test_feature: Literal["before_bn", "after_bn"] = "after_bn"  # what evaluation uses
     classifier: Literal["linear", "cosine", "arcface", "cosface"] = "linear"
     classifier_scale: float = 30.0  # cosine/arcface/cosface logit scale
-    classifier_margin: float = 0.3  # arcface/cosface margin
+    classifier_margin: float = 0.3  # arcface (radians) / cosface (cosine) margin
     head: Literal["global", "pcb", "attention"] = "global"
     parts: int = 4  # PCB stripes
     part_direction: Literal["horizontal", "vertical", "both"] = "horizontal"

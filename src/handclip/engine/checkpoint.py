@@ -2,6 +2,7 @@
 needs nothing else. Loading never executes pickled code (``torch.load(weights_only=True)``)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import zipfile
@@ -15,6 +16,9 @@ from handclip.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "handclip-checkpoint"
 CHECKPOINT_VERSION = 1
+# The text tower (kept only for CLIP-ReID prompts) is frozen: it is rebuilt from its pretrained
+# weights, never stored (~63M parameters for ViT-B/16).
+FROZEN_TEXT_PREFIX = "backbone.text."
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: Config, class_names: list[str],
@@ -27,7 +31,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: Config,
         "class_names": list(class_names),
         "epoch": int(epoch),
         "metrics": dict(metrics or {}),
-        "model": _unwrap(model).state_dict(),
+        "model": {k: v for k, v in _unwrap(model).state_dict().items() if not k.startswith(FROZEN_TEXT_PREFIX)},
     }
     if training_state is not None:
         payload["training_state"] = training_state
@@ -61,11 +65,13 @@ def checkpoint_config(payload: dict) -> Config:
 
 
 def build_model_from_checkpoint(payload: dict, path: str | Path, keep_text: bool = False):
-    """Rebuild the model a checkpoint was saved from and load its weights."""
+    """Rebuild the model a checkpoint was saved from and load its weights (the checkpoint holds
+    them all, so the architecture is built without pretrained weights: nothing is downloaded)."""
     from handclip.models.reid import build_reid_model
 
     config = checkpoint_config(payload)
-    model = build_reid_model(config.model, num_classes=len(payload["class_names"]), keep_text=keep_text)
+    model_cfg = dataclasses.replace(config.model, pretrained="none")
+    model = build_reid_model(model_cfg, num_classes=len(payload["class_names"]), keep_text=keep_text)
     load_weights(model, payload["model"], path)
     return model, config
 
@@ -78,6 +84,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, str
             raise UserError(f"{path}: weights do not fit this architecture ('{key}' is "
                             f"{tuple(tensor.shape)}, the model has {tuple(own[key].shape)})")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_TEXT_PREFIX)]
     if strict and (missing or unexpected):
         key = (missing or unexpected)[0]
         what = "misses" if missing else "has an unknown key"

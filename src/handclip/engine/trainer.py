@@ -33,7 +33,6 @@ from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
 from handclip.losses.combined import ReIDLoss
 from handclip.metrics import evaluate_ranking, pairwise_distance
-from handclip.models.freezing import apply_freezing
 from handclip.models.reid import build_reid_model
 
 RUN_FILE = "run.json"  # where the data came from, so --resume needs only the folder
@@ -147,7 +146,6 @@ class Trainer:
                                       keep_text=self.uses_prompts).to(self.device)
         if self.invocation.get("init_from"):
             _init_weights(self.model, Path(self.invocation["init_from"]))
-        apply_freezing(self.model.backbone, cfg.model.unfreeze, cfg.model.bn_policy)
         self.loss_fn = ReIDLoss(cfg.loss, len(self.data.class_names), self.model.feature_dims).to(self.device)
         groups = self.model.param_groups(cfg.optim)
         loss_params = [p for p in self.loss_fn.non_center_parameters() if p.requires_grad]
@@ -256,8 +254,9 @@ class Trainer:
     def _text_logits(self, outputs: dict) -> torch.Tensor | None:
         if self.text_features is None or self.config.loss.i2t <= 0:
             return None
-        image = torch.nn.functional.normalize(outputs["global"].float(), dim=1)
-        return self.model.backbone.logit_scale.exp() * image @ self.text_features.T
+        from handclip.engine.prompts import image_to_text_logits
+
+        return image_to_text_logits(outputs["global"], self.text_features)
 
     def _validate(self) -> dict:
         """Val images as queries against the train images (same identities) as gallery."""
@@ -275,18 +274,18 @@ class Trainer:
 
     # ---- files --------------------------------------------------------------------------------
     def _end_epoch(self, epoch: int, row: dict) -> None:
-        """Checkpoint first, then history: a kill in between replays this epoch on resume, and the
-        history is cut back to the checkpoint's epoch, so every epoch appears exactly once."""
+        """History first, then checkpoints: a kill in between leaves last.pt one epoch behind, so
+        resume replays this epoch and cuts the history back to last.pt's epoch first — every
+        epoch appears exactly once."""
         improved = "val_mAP" in row and row["val_mAP"] >= self.best_metrics.get("val_mAP", -1.0)
         if improved:
             self.best_metrics = {"epoch": epoch + 1, "val_rank1": row["val_rank1"], "val_mAP": row["val_mAP"]}
-        state = self._training_state(epoch)
-        save_checkpoint(self.paths.last, model=self.model, config=self.config, class_names=self.data.class_names,
-                        epoch=epoch, metrics=row, training_state=state)
+        self._append_history(row)
         if improved:
             save_checkpoint(self.paths.best, model=self.model, config=self.config,
                             class_names=self.data.class_names, epoch=epoch, metrics=row)
-        self._append_history(row)
+        save_checkpoint(self.paths.last, model=self.model, config=self.config, class_names=self.data.class_names,
+                        epoch=epoch, metrics=row, training_state=self._training_state(epoch))
 
     def _training_state(self, epoch: int) -> dict:
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
@@ -301,6 +300,7 @@ class Trainer:
     def _restore(self) -> int:
         """Continue from last.pt when the run folder has one; returns the first epoch to train."""
         if not self.paths.last.exists():
+            _truncate_history(self.paths.history, 0)
             return 0
         payload = load_checkpoint(self.paths.last, map_location=self.device)
         state = payload.get("training_state")
@@ -357,9 +357,9 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _truncate_history(path: Path, epochs_done: int) -> None:
-    rows = [r for r in _read_history(path) if int(r["epoch"]) <= epochs_done]
     if not path.exists():
         return
+    rows = [r for r in _read_history(path) if int(r["epoch"]) <= epochs_done]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_history_columns(rows) if rows else ["epoch"], lineterminator="\n")
     writer.writeheader()

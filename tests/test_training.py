@@ -1,0 +1,209 @@
+"""The training engine on tiny models: losses fall, freezing, resume after SIGKILL, init-from,
+checkpoint safety, the Python API, and bad input."""
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import handclip
+from handclip.cli import main
+from handclip.config import load_config
+from handclip.data.transforms import EvalTransform
+from handclip.engine.checkpoint import load_checkpoint
+from handclip.engine.trainer import Trainer, run_training
+from handclip.errors import UserError
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+FAST = {"model.image_size": 64, "train.device": "cpu", "data.batch_size": 16, "data.k": 4, "optim.warmup_epochs": 0}
+
+
+def make_trainer(synth_root, splits_dir, out, overrides=None, init_from=None):
+    config = load_config(CONFIG, {**FAST, **(overrides or {})})
+    invocation = {"data_root": str(synth_root), "splits": str(splits_dir),
+                  "init_from": str(init_from) if init_from else None}
+    trainer = Trainer(config, Path(out), invocation, quiet=True)
+    trainer._build()
+    return trainer
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+LOSS_COMBINATIONS = {
+    "ce": {"loss.triplet": 0.0, "data.sampler": "random"},
+    "ce+triplet": {},
+    "ce+soft-triplet": {"loss.triplet_soft": True},
+    "ce+triplet+center": {"loss.center": 0.0005},
+    "ce+supcon": {"loss.triplet": 0.0, "loss.supcon": 1.0},
+    "ce+arcface": {"loss.triplet": 0.0, "loss.arcface": 1.0},
+    "arcface-classifier+triplet": {"model.classifier": "arcface"},
+    "cosine-classifier": {"model.classifier": "cosine", "loss.triplet": 0.0, "data.sampler": "random"},
+}
+
+
+@pytest.mark.parametrize("overrides", LOSS_COMBINATIONS.values(), ids=LOSS_COMBINATIONS.keys())
+def test_every_loss_combination_learns_a_batch(synth_root, splits_dir, tmp_path, overrides):
+    trainer = make_trainer(synth_root, splits_dir, tmp_path, overrides)
+    trainer.sampler.set_epoch(0)
+    indices = next(iter(trainer.sampler))
+    images = EvalTransform(64, trainer.model.mean, trainer.model.std)(trainer.dataset.batch(indices))
+    labels = trainer.labels[indices]
+    losses = [trainer._step(images, labels)[0]["total"] for _ in range(12)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_frozen_weights_stay_bit_identical(synth_root, splits_dir, tmp_path):
+    trainer = make_trainer(synth_root, splits_dir, tmp_path, {"model.unfreeze": 1})
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.backbone.state_dict()
+    trainable = {n for n, p in trainer.model.backbone.named_parameters() if p.requires_grad}
+    frozen = [k for k in before if k not in trainable]
+    assert trainable and frozen
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trainable)
+
+
+def test_run_folder_contents(tiny_run):
+    for name in ("config.yaml", "env.json", "run.json", "classes.json", "history.csv",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (tiny_run / name).is_file(), name
+    assert list((tiny_run / "plots").glob("*.png"))
+    rows = history(tiny_run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss_ce", "loss_triplet", "loss", "lr", "train_acc", "val_rank1", "val_mAP", "img_per_s"} <= set(rows[0])
+    payload = load_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    assert payload["class_names"] == sorted(payload["class_names"]) and len(payload["class_names"]) > 1
+    assert float(rows[int(payload["epoch"])]["val_mAP"]) == max(float(r["val_mAP"]) for r in rows)
+
+
+def test_existing_run_is_not_overwritten(tiny_run, synth_root, splits_dir):
+    before = (tiny_run / "history.csv").read_bytes()
+    with pytest.raises(UserError, match="--resume"):
+        run_training(config_path=CONFIG, data_root=synth_root, splits=splits_dir, out=tiny_run)
+    assert (tiny_run / "history.csv").read_bytes() == before
+
+
+def _train_command(synth_root, splits_dir, out, epochs):
+    return [sys.executable, "-m", "handclip", "train", "--config", str(CONFIG), "--data", str(synth_root),
+            "--splits", str(splits_dir), "--out", str(out), "--epochs", str(epochs), "--quiet",
+            *[f"--set={k}={v}" for k, v in FAST.items()]]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(synth_root, splits_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_command(synth_root, splits_dir, straight, 3), check=True, env=env)
+
+    process = subprocess.Popen(_train_command(synth_root, splits_dir, killed, 3), env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # somewhere inside epoch 2
+    process.wait()
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+
+    assert [r["epoch"] for r in history(killed)] == ["1", "2", "3"]
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    losses = [float(r["loss"]) for r in history(killed)]
+    assert losses == pytest.approx([float(r["loss"]) for r in history(straight)], rel=1e-4)
+
+
+def test_resume_extends_to_more_epochs(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert [r["epoch"] for r in history(run)] == ["1", "2", "3"]
+    with pytest.raises(SystemExit):
+        main(["train", "--resume"])
+    assert main(["train", "--resume", str(run), "--set", "loss.center=1.0"]) == 2
+
+
+def test_init_from_starts_a_new_strategy_from_earlier_weights(tiny_run, synth_root, splits_dir, tmp_path):
+    source = load_checkpoint(tiny_run / "checkpoints" / "best.pt")["model"]
+    trainer = make_trainer(synth_root, splits_dir, tmp_path / "next", {"model.image_size": None,
+                                                                       "loss.center": 0.0005},
+                           init_from=tiny_run / "checkpoints" / "best.pt")
+    own = trainer.model.state_dict()
+    backbone = [k for k in source if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(own[k], source[k]) for k in backbone)
+
+
+def test_init_from_another_architecture_is_refused(tiny_run, synth_root, splits_dir, tmp_path):
+    with pytest.raises(UserError, match="backbone does not fit"):
+        make_trainer(synth_root, splits_dir, tmp_path, {"model.arch": "tiny-rn"},
+                     init_from=tiny_run / "checkpoints" / "best.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/handclip-pwned",))
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "handclip-checkpoint", "payload": _Exploit()}, path)
+    if os.path.exists("/tmp/handclip-pwned"):
+        os.unlink("/tmp/handclip-pwned")
+    with pytest.raises(UserError, match="pickled code"):
+        load_checkpoint(path)
+    assert not os.path.exists("/tmp/handclip-pwned")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a handclip checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="not a handclip checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_load_model_encode_gives_unit_features(tiny_run, synth_root):
+    model = handclip.load_model(tiny_run / "checkpoints" / "best.pt")
+    paths = sorted((synth_root / "Hands").glob("*.jpg"))[:5]
+    features = model.encode(paths, batch_size=2)
+    assert features.shape == (5, model.dim)
+    assert torch.allclose(features.norm(dim=1), torch.ones(5), atol=1e-5)
+    from PIL import Image
+
+    again = model.encode([Image.open(p) for p in paths])
+    assert torch.allclose(features, again, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.arch=no-such-net"], "no-such-net"),
+    (["--aspect", "palmar_l", "--splits", "{empty}"], "palmar_l"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, synth_root, splits_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    base = ["train", "--config", str(CONFIG), "--data", str(synth_root), "--splits", str(splits_dir),
+            "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_training_image_is_named(synth_root, splits_dir, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("splits"))
+    shutil.copytree(splits_dir, root / "splits")
+    victim = (root / "splits" / "dorsal_r" / "train.csv").read_text().splitlines()[1].split(",")[0]
+    (root / victim).write_bytes(b"\xff\xd8\xff garbage")
+    code = main(["train", "--config", str(CONFIG), "--data", str(root), "--splits", str(root / "splits"),
+                 "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and Path(victim).name in err and "Traceback" not in err
