@@ -40,7 +40,7 @@ def test_draft_decodes_smaller_but_never_below_the_target(jpeg):
 
 def test_load_resized_squeezes_the_whole_photo_into_a_square(jpeg):
     stored = load_resized(jpeg, 32)
-    assert stored.shape == (32, 32, 3) and stored.dtype == np.uint8
+    assert stored.shape == (32, 32, 3) and stored.dtype == np.uint8 and stored.flags.writeable
     # every quadrant survives (no crop), each filling a quarter of the square
     expected = np.asarray(Image.fromarray(quadrant_photo()).resize((32, 32), Image.NEAREST)).astype(int)
     inner = np.r_[2:14, 18:30]

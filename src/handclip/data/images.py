@@ -40,5 +40,5 @@ def read_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
 def load_resized(path: str | os.PathLike, size: int) -> np.ndarray:
     """The stored form of an image: the whole photo resized to a ``(size, size, 3)`` uint8 square."""
     image = read_image(path, draft_size=(size, size))
-    return np.asarray(image.resize((size, size), RESAMPLE), dtype=np.uint8)
+    return np.array(image.resize((size, size), RESAMPLE), dtype=np.uint8)  # writable, unlike np.asarray
 
