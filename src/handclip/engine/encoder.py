@@ -81,7 +81,7 @@ class Encoder:
                 item = read_image(item, draft_size=size)
             if isinstance(item, Image.Image):
                 item = np.asarray(item.convert("RGB").resize(size, Image.BILINEAR))
-            arrays.append(torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1))
+            arrays.append(torch.from_numpy(np.array(item, dtype=np.uint8)).permute(2, 0, 1))
         if len({tuple(a.shape) for a in arrays}) > 1:
             arrays = [F.interpolate(a[None].float(), size=size, mode="bilinear").round().byte()[0] for a in arrays]
         return torch.stack(arrays)
