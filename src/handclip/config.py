@@ -65,7 +65,7 @@ class AugmentConfig:
     padding: int = 10
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter
     random_erasing: float = 0.5
-    normalize: Literal["clip", "imagenet"] = "clip"
+    # Normalisation is not a knob: it follows the backbone's own preprocessing (CLIP's statistics).
 
 
 @dataclass

@@ -17,7 +17,6 @@ from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD
 
 from handclip.config import AugmentConfig
 
-NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 # torchvision RandomErasing defaults: erased area fraction, and aspect ratio drawn log-uniformly.
 ERASE_SCALE = (0.02, 0.33)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))
@@ -40,16 +39,15 @@ class EvalTransform:
 class TrainTransform:
     """Resize, pad + random crop, horizontal flip, colour jitter, normalise, random erasing.
 
-    ``mean``/``std`` default to ``augment.normalize``; pass the model's own to override it.
+    ``mean``/``std``: the model's own preprocessing statistics (CLIP's by default).
     """
 
-    def __init__(self, image_size: int, augment: AugmentConfig, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+    def __init__(self, image_size: int, augment: AugmentConfig, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD):
         self.image_size = image_size
         self.augment = augment
-        default_mean, default_std = NORMALIZATION[augment.normalize]
-        self.mean = list(mean if mean is not None else default_mean)
-        self.std = list(std if std is not None else default_std)
+        self.mean = list(mean)
+        self.std = list(std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         draw = RandomDraws(len(images), images.device, generator)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from handclip.data.images import read_image
+from handclip.data.images import RESAMPLE, load_resized
 from handclip.data.transforms import EvalTransform
 
 
@@ -74,13 +74,15 @@ class Encoder:
         return torch.cat(chunks)
 
     def _to_uint8(self, items: Iterable) -> torch.Tensor:
+        """Paths are decoded exactly as the image cache stores them, so ``encode(paths)`` matches
+        the features of evaluation pixel for pixel."""
         size = (self.image_size, self.image_size)
         arrays = []
         for item in items:
             if isinstance(item, (str, Path)):
-                item = read_image(item, draft_size=size)
-            if isinstance(item, Image.Image):
-                item = np.asarray(item.convert("RGB").resize(size, Image.BILINEAR))
+                item = load_resized(item, self.image_size)
+            elif isinstance(item, Image.Image):
+                item = np.asarray(item.convert("RGB").resize(size, RESAMPLE))
             arrays.append(torch.from_numpy(np.array(item, dtype=np.uint8)).permute(2, 0, 1))
         if len({tuple(a.shape) for a in arrays}) > 1:
             arrays = [F.interpolate(a[None].float(), size=size, mode="bilinear").round().byte()[0] for a in arrays]
