@@ -207,3 +207,23 @@ def test_corrupt_training_image_is_named(synth_root, splits_dir, tmp_path, capsy
                  "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1"])
     err = capsys.readouterr().err
     assert code == 2 and Path(victim).name in err and "Traceback" not in err
+
+
+def test_cross_aspect_training_leaves_out_subjects_tested_in_any_aspect(synth_root, splits_dir, tmp_path):
+    import shutil
+
+    from handclip.data.manifests import load_split
+    from handclip.engine.training_data import load_training_data
+
+    splits = tmp_path / "splits"
+    shutil.copytree(splits_dir, splits)
+    # a subject tested in dorsal_r but (as thresholds 1050/1051 allow) a training subject in palmar_r
+    tested = load_split(synth_root, splits, "dorsal_r", "test")[0].identity
+    donor = (splits / "palmar_r" / "train.csv").read_text().splitlines()[1].split(",")
+    with open(splits / "palmar_r" / "train.csv", "a") as f:
+        f.write(f"{donor[0]},{tested},palmar_r\n")
+    single = load_training_data(synth_root, splits, ["palmar_r"])
+    joint = load_training_data(synth_root, splits, ["dorsal_r", "palmar_r"])
+    assert tested in {s.identity for s in single.train}
+    assert tested not in {s.identity for s in joint.train + joint.val}
+    assert {s.aspect for s in joint.train} == {"dorsal_r", "palmar_r"}
