@@ -1,4 +1,4 @@
-"""Datasets of stored uint8 images, and a DataLoader with sensible defaults.
+"""Datasets of stored uint8 images, a DataLoader with sensible defaults, and the trainer's batch loader.
 
 With the cache (the default) a whole batch is one fancy-index read of the memory-mapped array:
 ``dataset.batch(indices)`` needs no DataLoader workers and keeps a GPU fed. Without it every image
@@ -6,9 +6,11 @@ is decoded (JPEG draft mode) each time it is read.
 """
 from __future__ import annotations
 
+import collections
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,14 +41,24 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         return self.batch([index])[0], self.labels[index], index
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """uint8 (B, 3, size, size) of ``indices`` in that order (channels-last in memory)."""
+    def batch(self, indices: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
+        """uint8 (B, 3, size, size) of ``indices`` in that order (channels-last in memory).
+
+        ``pin_memory``: in page-locked memory (CUDA only), which a non-blocking copy moves to
+        the GPU while it computes; the cache is read straight into it, with no extra copy.
+        """
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"batch indices must lie in [0, {len(self)})")
+        pixels = torch.empty((len(indices), self.size, self.size, 3), dtype=torch.uint8, pin_memory=pin_memory)
         if self.cache is not None:
-            pixels = self.cache.array[indices]
+            # Straight into ``pixels`` without the GIL; mode "clip" skips the temporary copy that
+            # numpy's default bounds checking makes (the indices were checked above).
+            np.take(self.cache.array, indices, axis=0, out=pixels.numpy(), mode="clip")
         else:
-            pixels = np.stack([load_resized(self.paths[i], self.size) for i in indices])
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            for row, i in enumerate(indices):
+                pixels[row] = torch.from_numpy(load_resized(self.paths[i], self.size))
+        return pixels.permute(0, 3, 1, 2)
 
 
 def make_loader(dataset: Dataset, batch_sampler=None, batch_size: int | None = None, shuffle: bool = False,
@@ -67,3 +79,38 @@ def make_loader(dataset: Dataset, batch_sampler=None, batch_size: int | None = N
         persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
         **batching,
     )
+
+
+class BatchLoader:
+    """The uint8 batches of a batch sampler, read ahead of the consumer: iterating yields
+    ``(indices, images)`` with images (B, 3, size, size) uint8 on the CPU.
+
+    Cached dataset: a background thread reads the next ``depth`` batches (one memmap read each,
+    into pinned memory with ``pin_memory``) while the caller trains on the current one.
+    Without the cache: DataLoader worker processes (``num_workers``) decode the JPEGs.
+    ``batch_sampler`` is iterated afresh on each pass (call its ``set_epoch`` before).
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_sampler: Iterable[Sequence[int]], num_workers: int = 0,
+                 pin_memory: bool = False, depth: int = 2):
+        self.dataset, self.batch_sampler = dataset, batch_sampler
+        self.pin_memory, self.depth = pin_memory, depth
+        self.loader = None if dataset.cache is not None else \
+            make_loader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if self.loader is not None:
+            for images, _, indices in self.loader:
+                yield indices.numpy(), images
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="handclip-batches") as reader:
+            pending = collections.deque()
+            for indices in self.batch_sampler:
+                indices = np.asarray(indices, dtype=np.int64)
+                pending.append((indices, reader.submit(self.dataset.batch, indices, self.pin_memory)))
+                if len(pending) > self.depth:
+                    indices, images = pending.popleft()
+                    yield indices, images.result()
+            while pending:
+                indices, images = pending.popleft()
+                yield indices, images.result()

@@ -3,6 +3,13 @@
 Randomness is derived from (seed, epoch) at the start of every epoch — the batch sampler,
 the augmentation generator and torch's global RNG — so a run resumed from the checkpoint of
 epoch e replays epoch e+1 exactly as an uninterrupted run would.
+
+Speed: a background thread reads the next batches from the image cache (into pinned memory on
+a GPU) while the current one trains; augmentation runs on the training device; a step never
+waits for the GPU (loss values stay on the device until the epoch ends); bf16 autocast, fused
+AdamW, channels-last ResNets and optional ``torch.compile`` on GPUs. Under ``torchrun`` each
+process trains its share of every epoch's batches in DistributedDataParallel (engine/distributed.py);
+rank 0 alone validates and writes files.
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ from tqdm import tqdm
 
 import handclip
 from handclip.config import Config, config_from_dict, dump_config, load_config, read_yaml, stage_config
-from handclip.data.datasets import ImageDataset
+from handclip.data.datasets import BatchLoader, ImageDataset
 from handclip.data.samplers import PKSampler, RandomBatchSampler
 from handclip.data.transforms import TrainTransform
-from handclip.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from handclip.engine import distributed
+from handclip.engine.checkpoint import FROZEN_TEXT_PREFIX, load_checkpoint, load_weights, save_checkpoint
 from handclip.engine.encoder import Encoder, autocast, resolve_device
 from handclip.engine.features import extract_features
 from handclip.engine.schedule import build_optimizer, build_scheduler
@@ -36,6 +44,7 @@ from handclip.metrics import evaluate_ranking, pairwise_distance
 from handclip.models.reid import build_reid_model
 
 RUN_FILE = "run.json"  # where the data came from, so --resume needs only the folder
+RANK_SEED_STRIDE = 1_000_000_007  # separates the processes' augmentation seeds (epochs never reach it)
 
 
 @dataclass
@@ -65,15 +74,24 @@ class RunPaths:
 
 def run_training(config_path=None, overrides=None, data_root=None, splits=None, out=None, resume=None,
                  init_from=None, quiet=False) -> Path:
-    """The ``handclip train`` entry point; returns the run folder."""
-    if resume is not None:
-        return _resume(Path(resume), overrides or {}, quiet)
+    """The ``handclip train`` entry point (also under torchrun); returns the run folder."""
+    try:
+        if resume is not None:
+            return _resume(Path(resume), overrides or {}, quiet)
+        return _start(config_path, overrides, data_root, splits, out, init_from, quiet)
+    finally:
+        distributed.teardown()
+
+
+def _start(config_path, overrides, data_root, splits, out, init_from, quiet) -> Path:
     if data_root is None or splits is None or out is None:
         raise UserError("train needs --data, --splits and --out (or --resume RUN)")
     config = load_config(config_path, overrides)
+    distributed.setup(resolve_device(config.train.device))
     out = Path(out)
     if RunPaths(out).history.exists() or RunPaths(out).last.exists():
         raise UserError(f"{out}: a run already exists there; continue it with --resume {out} or choose another --out")
+    distributed.barrier()  # every process has looked before rank 0 writes there
     invocation = {"data_root": str(Path(data_root).resolve()), "splits": str(Path(splits).resolve()),
                   "init_from": str(Path(init_from).resolve()) if init_from else None}
     if config.stages:
@@ -95,6 +113,7 @@ def _resume(run: Path, overrides: dict, quiet: bool) -> Path:
         section, name = key.split(".")
         mapping[section][name] = value
     config = config_from_dict(mapping)
+    distributed.setup(resolve_device(config.train.device))
     invocation = json.loads((run / RUN_FILE).read_text())
     if config.stages:
         return _run_stages(config, invocation, run, quiet)
@@ -104,9 +123,10 @@ def _resume(run: Path, overrides: dict, quiet: bool) -> Path:
 
 def _run_stages(config: Config, invocation: dict, out: Path, quiet: bool) -> Path:
     """Sequential fine-tuning: stage i starts from stage i-1's best checkpoint."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
-    atomic_write_json(out / RUN_FILE, invocation)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+        atomic_write_json(out / RUN_FILE, invocation)
     init_from = invocation.get("init_from")
     summary = []
     for index in range(len(config.stages)):
@@ -117,7 +137,8 @@ def _run_stages(config: Config, invocation: dict, out: Path, quiet: bool) -> Pat
         init_from = str(RunPaths(stage_dir).best)
         summary.append({"stage": index + 1, "aspects": trainer.config.data.aspects, "run": stage_dir.name,
                         **trainer.best_metrics})
-    atomic_write_json(out / "stages.json", summary)
+    if distributed.is_main():
+        atomic_write_json(out / "stages.json", summary)
     return out
 
 
@@ -131,14 +152,20 @@ class Trainer:
 
     def __post_init__(self):
         self.paths = RunPaths(Path(self.out))
-        self.device = resolve_device(self.config.train.device)
+        self.device = distributed.local_device(resolve_device(self.config.train.device))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"train.device '{self.config.train.device}': no CUDA GPU is available here")
+        self.main = distributed.is_main()
+        self.quiet = self.quiet or not self.main  # one progress display: rank 0's
         self.data: TrainingData = load_training_data(self.invocation["data_root"], self.invocation["splits"],
                                                      self.config.data.aspects, self.config.data.identity)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build(self):
+        self._build_model()
+        self._build_data()
+
+    def _build_model(self):
         cfg = self.config
         torch.manual_seed(cfg.train.seed)
         self.uses_prompts = cfg.prompt.stage1_epochs > 0 or cfg.loss.i2t > 0
@@ -155,28 +182,48 @@ class Trainer:
         centers = list(self.loss_fn.center_parameters())
         self.center_optimizer = torch.optim.SGD(centers, lr=cfg.loss.center_lr) if centers else None
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
-        size = cfg.data.cache_size or round(self.model.image_size * 8 / 7)
-        self.dataset = ImageDataset(self.data.samples, None, size=size, cache=cfg.data.cache,
-                                    progress=not self.quiet)
-        self.labels = torch.tensor(self.data.labels)
-        self.sampler = self._make_sampler()
         self.augment = TrainTransform(self.model.image_size, cfg.data.augment, self.model.mean, self.model.std)
         self.encoder = Encoder(self.model, device=self.device, amp=cfg.train.amp)
         self.text_features = None  # CLIP-ReID: learned identity text features, (classes, E)
+        self.channels_last = self.device.type == "cuda" and self.model.backbone.kind == "rn"
+        self.forward = self._training_forward()
+
+    def _training_forward(self):
+        """The model as a training step calls it: in DistributedDataParallel under torchrun, compiled
+        with train.compile; ResNets channels-last on a GPU (tensor-core convolutions)."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: find the fastest kernels once
+            torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls outside autocast
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        forward = distributed.wrap_model(self.model, self.device)
+        return torch.compile(forward) if self.config.train.compile else forward
+
+    def _build_data(self):
+        cfg = self.config
+        self.dataset = ImageDataset(self.data.samples, None, size=train_cache_size(cfg, self.model.image_size),
+                                    cache=cfg.data.cache, progress=not self.quiet)
+        self.labels = torch.tensor(self.data.labels)
+        self.sampler = self._make_sampler()
+        self.loader = BatchLoader(self.dataset, self.sampler, cfg.data.num_workers,
+                                  pin_memory=self.device.type == "cuda")
 
     def _make_sampler(self):
         cfg = self.config.data
+        ranks = {"rank": distributed.rank(), "world_size": distributed.world_size()}
         if cfg.sampler == "pk":
             groups = [s.aspect for s in self.data.train] if cfg.aspect_balanced else None
-            return PKSampler(self.data.labels, cfg.batch_size, cfg.k, seed=self.config.train.seed, group_of=groups)
+            return PKSampler(self.data.labels, cfg.batch_size, cfg.k, seed=self.config.train.seed, group_of=groups,
+                             **ranks)
         return RandomBatchSampler(len(self.data.train), cfg.batch_size, seed=self.config.train.seed,
-                                  drop_last=len(self.data.train) >= cfg.batch_size)
+                                  drop_last=len(self.data.train) >= cfg.batch_size * ranks["world_size"], **ranks)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         self._build()
         start_epoch = self._restore()
-        self._write_run_files()
+        if self.main:
+            self._write_run_files()
         if self.uses_prompts and self.text_features is None:
             self.text_features = self._learn_prompts()
         epochs = self.config.train.epochs
@@ -184,53 +231,81 @@ class Trainer:
                    initial=start_epoch, total=epochs, unit="epoch")
         for epoch in bar:
             row = self._train_epoch(epoch)
-            if (epoch + 1) % self.config.train.eval_every == 0 or epoch + 1 == epochs:
-                row.update(self._validate())
-            self._end_epoch(epoch, row)
+            if self.main:
+                if (epoch + 1) % self.config.train.eval_every == 0 or epoch + 1 == epochs:
+                    row.update(self._validate())
+                self._end_epoch(epoch, row)
+            distributed.barrier()  # the other processes wait while rank 0 validates and writes
             bar.set_postfix(loss=f"{row['loss']:.3f}", mAP=row.get("val_mAP", ""))
-        if not self.paths.best.exists() and self.paths.last.exists():
-            # no validation ever ran (e.g. no val images): the last weights are the best we have
-            save_checkpoint(self.paths.best, model=self.model, config=self.config,
-                            class_names=self.data.class_names, epoch=epochs - 1)
-        self._plot()
+        if self.main:
+            if not self.paths.best.exists() and self.paths.last.exists():
+                # no validation ever ran (e.g. no val images): the last weights are the best we have
+                save_checkpoint(self.paths.best, model=self.model, config=self.config,
+                                class_names=self.data.class_names, epoch=epochs - 1)
+            self._plot()
+        distributed.barrier()  # a next stage starts from best.pt
         return self.best_metrics
 
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
         self.sampler.set_epoch(epoch)
         torch.manual_seed(self.config.train.seed * 100_003 + epoch)
-        generator = torch.Generator(device=self.device).manual_seed(self.config.train.seed * 1_000_003 + epoch)
-        totals: dict[str, float] = {}
-        correct = seen = 0
+        generator = self._augment_generator(epoch)
+        totals: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
         started = time.perf_counter()
-        for indices in tqdm(self.sampler, desc=f"epoch {epoch + 1}", disable=self.quiet, leave=False, unit="batch"):
-            images = self.dataset.batch(indices).to(self.device, non_blocking=True)
-            labels = self.labels[indices].to(self.device, non_blocking=True)
-            terms, logits = self._step(self.augment(images, generator=generator), labels)
+        for indices, images in tqdm(self.loader, desc=f"epoch {epoch + 1}", total=len(self.sampler),
+                                    disable=self.quiet, leave=False, unit="batch"):
+            terms, logits, labels = self._train_batch(indices, images, generator)
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value * len(indices)
+                totals[name] = totals.get(name, 0.0) + value.double() * len(indices)
             if logits is not None:
-                correct += (logits.argmax(1) == labels).sum().item()
+                correct += (logits.argmax(1) == labels).sum()
             seen += len(indices)
+        names = sorted(totals)
+        seen = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
+        # The epoch's one wait for the device, with every process's sums at once.
+        *sums, correct, seen = distributed.sum_over_processes(
+            torch.stack([*(totals[name] for name in names), correct, seen])).tolist()
         elapsed = time.perf_counter() - started
+        totals = dict(zip(names, sums))
         self.scheduler.step()
         row = {"epoch": epoch + 1}
-        row.update({f"loss_{name}": totals[name] / max(seen, 1) for name in totals if name != "total"})
+        row.update({f"loss_{name}": totals[name] / max(seen, 1) for name in names if name != "total"})
         row["loss"] = totals.get("total", 0.0) / max(seen, 1)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["train_acc"] = correct / max(seen, 1)
         row["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
         return row
 
+    def _augment_generator(self, epoch: int) -> torch.Generator:
+        """The epoch's augmentation stream; each process draws its own (rank 0's is a single process's)."""
+        seed = self.config.train.seed * 1_000_003 + epoch + RANK_SEED_STRIDE * distributed.rank()
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _train_batch(self, indices, images: torch.Tensor, generator: torch.Generator):
+        """Augment the uint8 ``images`` of dataset items ``indices`` on the device and take one step;
+        returns ``_step``'s terms and logits, and the labels on the device."""
+        images = self.augment(images.to(self.device, non_blocking=True), generator=generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = self.labels[torch.as_tensor(indices)].to(self.device, non_blocking=True)
+        terms, logits = self._step(images, labels)
+        return terms, logits, labels
+
     def _step(self, images: torch.Tensor, labels: torch.Tensor):
+        """One optimiser step. Returns the loss terms (``total`` included) and the first branch's
+        logits as detached device tensors: reading them here would make the CPU wait for the GPU."""
         try:
             with autocast(self.device, self.config.train.amp):
-                outputs = self.model(images, labels)
+                outputs = self.forward(images, labels)
                 total, terms = self.loss_fn(outputs, labels, self._text_logits(outputs))
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer is not None:
                 self.center_optimizer.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(self.loss_fn.parameters())  # DDP averages the model's
             if self.config.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
             self.optimizer.step()
@@ -239,8 +314,8 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"GPU out of memory at batch size {self.config.data.batch_size}; "
                             f"try --batch-size {max(self.config.data.batch_size // 2, 1)}") from None
-        values = {name: float(value) for name, value in terms.items()}
-        values["total"] = float(total.detach())
+        values = {name: value.detach() for name, value in terms.items()}
+        values["total"] = total.detach()
         logits = outputs["logits"][0].detach() if outputs.get("logits") else None
         return values, logits
 
@@ -248,8 +323,9 @@ class Trainer:
         """CLIP-ReID stage 1: identity text tokens learned with both encoders frozen."""
         from handclip.engine.prompts import learn_identity_texts
 
-        return learn_identity_texts(self.model, self.dataset, self.labels, self.config, self.device,
-                                    quiet=self.quiet).to(self.device)
+        texts = learn_identity_texts(self.model, self.dataset, self.labels, self.config, self.device,
+                                     quiet=self.quiet).to(self.device)
+        return distributed.broadcast_from_main(texts)  # GPU arithmetic may differ in the last bits
 
     def _text_logits(self, outputs: dict) -> torch.Tensor | None:
         if self.text_features is None or self.config.loss.i2t <= 0:
@@ -262,6 +338,7 @@ class Trainer:
         """Val images as queries against the train images (same identities) as gallery."""
         if not self.data.val:
             return {}
+        self.model.eval()  # BatchNorm with its learned statistics; the next epoch sets train() again
         query = extract_features(self.encoder, self.dataset, list(self.data.val_indices),
                                  self.config.train.eval_batch_size)
         gallery = extract_features(self.encoder, self.dataset, list(self.data.train_indices),
@@ -300,7 +377,8 @@ class Trainer:
     def _restore(self) -> int:
         """Continue from last.pt when the run folder has one; returns the first epoch to train."""
         if not self.paths.last.exists():
-            _truncate_history(self.paths.history, 0)
+            if self.main:
+                _truncate_history(self.paths.history, 0)
             return 0
         payload = load_checkpoint(self.paths.last, map_location=self.device)
         state = payload.get("training_state")
@@ -315,7 +393,8 @@ class Trainer:
         self.best_metrics = dict(state.get("best_metrics", {}))
         if "text_features" in state:
             self.text_features = state["text_features"].to(self.device)
-        _truncate_history(self.paths.history, state["epoch"] + 1)
+        if self.main:
+            _truncate_history(self.paths.history, state["epoch"] + 1)
         return state["epoch"] + 1
 
     def _write_run_files(self) -> None:
@@ -341,6 +420,11 @@ class Trainer:
 
         if self.paths.history.exists():
             plot_history(self.paths.history, self.paths.plots)
+
+
+def train_cache_size(config: Config, image_size: int) -> int:
+    """The stored side of training images: ``data.cache_size``, else a little above the model's input."""
+    return config.data.cache_size or round(image_size * 8 / 7)
 
 
 def _history_columns(rows: list[dict]) -> list[str]:
@@ -373,7 +457,7 @@ def _init_weights(model: torch.nn.Module, path: Path) -> None:
     payload = load_checkpoint(path)
     own = model.state_dict()
     fitting = {k: v for k, v in payload["model"].items() if k in own and own[k].shape == v.shape}
-    backbone_keys = [k for k in own if k.startswith("backbone.")]
+    backbone_keys = [k for k in own if k.startswith("backbone.") and not k.startswith(FROZEN_TEXT_PREFIX)]
     missing = [k for k in backbone_keys if k not in fitting]
     if missing:
         raise UserError(f"{path}: its backbone does not fit model.arch '{payload['config']['model']['arch']}' → "
@@ -393,6 +477,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "open_clip": getattr(open_clip, "__version__", "unknown"),
         "device": str(device),
+        "processes": distributed.world_size(),
         "argv": sys.argv,
     }
     if device.type == "cuda":
