@@ -17,8 +17,8 @@ from handclip.fileio import atomic_write_json
 
 ASPECT = "dorsal_r"
 # (identities, photos per identity and aspect, epochs, splits): full demo and the tests' quick one
-FULL = dict(ids=60, per_aspect=6, epochs=15, num_splits=10)
-QUICK = dict(ids=24, per_aspect=4, epochs=4, num_splits=3)
+FULL = dict(ids=100, per_aspect=8, epochs=40, num_splits=10)
+QUICK = dict(ids=24, per_aspect=4, epochs=8, num_splits=3)
 
 
 def demo_config_path() -> Path:
