@@ -9,8 +9,7 @@ import pytest
 
 from handclip.cli import main
 from handclip.data.manifests import load_split
-from handclip.engine.evaluation import (EvaluateOptions, build_encoders, build_protocols, evaluate_protocol,
-                                        run_evaluate)
+from handclip.engine.evaluation import EvaluateOptions, build_encoders, build_protocols, evaluate_protocol
 from handclip.metrics import evaluate_ranking, pairwise_distance
 import handclip
 
