@@ -290,7 +290,10 @@ class Trainer:
         images = self.augment(images.to(self.device, non_blocking=True), generator=generator)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        labels = self.labels[torch.as_tensor(indices)].to(self.device, non_blocking=True)
+        labels = self.labels[torch.as_tensor(indices)]
+        if self.device.type == "cuda":
+            labels = labels.pin_memory()  # a copy from pageable memory could wait for the GPU
+        labels = labels.to(self.device, non_blocking=True)
         terms, logits = self._step(images, labels)
         return terms, logits, labels
 
