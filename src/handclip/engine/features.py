@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from handclip.data.datasets import BatchLoader
 from handclip.engine.encoder import Encoder
 
 
@@ -14,10 +15,11 @@ def extract_features(encoder: Encoder, dataset, indices: Sequence[int] | None = 
                      flip: bool = False, progress: bool = False, desc: str = "encode") -> torch.Tensor:
     """Features (N, D) of ``dataset`` items ``indices`` (default: all), in that order."""
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    # read ahead in a thread (pinned memory on a GPU) while the model encodes the current batch
+    loader = BatchLoader(dataset, batches, pin_memory=encoder.device.type == "cuda")
     chunks = []
-    starts = range(0, len(indices), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        batch = dataset.batch(indices[start:start + batch_size])
+    for _, batch in tqdm(loader, desc=desc, total=len(batches), disable=not progress, leave=False, unit="batch"):
         chunks.append(encoder.embed_uint8(batch, flip=flip))
     if not chunks:
         return torch.empty(0, encoder.dim)
