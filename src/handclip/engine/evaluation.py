@@ -121,7 +121,9 @@ def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None):
 
     config = ModelConfig(arch=arch, pretrained=pretrained, image_size=image_size, embedding="proj",
                          neck="none", head="global")
-    return build_reid_model(config, num_classes=0)
+    with torch.random.fork_rng():  # random-init weights (pretrained none) are the same every run
+        torch.manual_seed(0)
+        return build_reid_model(config, num_classes=0)
 
 
 # ---- protocols ------------------------------------------------------------------------------------
