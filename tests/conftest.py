@@ -1,8 +1,12 @@
 """Shared fixtures: one synthetic hand set and its splits per test session, an isolated image
 cache, and no network."""
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,3 +48,21 @@ def tiny_run(synth_root, splits_dir, tmp_path_factory):
     run_training(config_path=config, overrides={"train.epochs": 2, "train.device": "cpu"},
                  data_root=synth_root, splits=splits_dir, out=out, quiet=True)
     return out
+
+
+@dataclass(frozen=True)
+class PhotoSample:
+    """The one field of manifests.Sample that datasets read."""
+    path: Path
+
+
+@pytest.fixture
+def make_photos(tmp_path):
+    """``make_photos(n)``: n small random JPEGs as samples (seeded)."""
+    def make(count: int) -> list[PhotoSample]:
+        rng = np.random.default_rng(0)
+        paths = [tmp_path / f"hand_{i}.jpg" for i in range(count)]
+        for path in paths:
+            Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(path)
+        return [PhotoSample(p) for p in paths]
+    return make

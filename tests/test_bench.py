@@ -3,13 +3,10 @@
 No test here asserts a speed: figures are checked for presence, sign and consistency only.
 """
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from handclip.cli import main
 from handclip.config import load_config
@@ -23,18 +20,9 @@ from handclip.engine.trainer import Trainer, train_cache_size
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
-@dataclass(frozen=True)
-class FakeSample:
-    path: Path
-
-
 @pytest.fixture
-def photos(tmp_path):
-    rng = np.random.default_rng(0)
-    paths = [tmp_path / f"hand_{i}.jpg" for i in range(9)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(path)
-    return [FakeSample(p) for p in paths]
+def photos(make_photos):
+    return make_photos(9)
 
 
 # ---- BatchLoader --------------------------------------------------------------------------------

@@ -1,11 +1,8 @@
 """ImageDataset items and batches, with and without the cache, and make_loader."""
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from handclip.data.datasets import ImageDataset, make_loader
 from handclip.data.images import load_resized
@@ -13,19 +10,9 @@ from handclip.data.images import load_resized
 SIZE = 12
 
 
-@dataclass(frozen=True)
-class FakeSample:
-    """The one field of manifests.Sample the dataset reads."""
-    path: Path
-
-
 @pytest.fixture
-def samples(tmp_path):
-    rng = np.random.default_rng(0)
-    paths = [tmp_path / f"hand_{i}.jpg" for i in range(7)]
-    for path in paths:
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(path)
-    return [FakeSample(p) for p in paths]
+def samples(make_photos):
+    return make_photos(7)
 
 
 @pytest.fixture

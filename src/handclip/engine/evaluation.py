@@ -20,6 +20,7 @@ from handclip.data.manifests import Sample, count_splits, load_split
 from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
+from handclip.engine.training_data import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
 from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
@@ -68,7 +69,7 @@ class Protocol:
     match_on_aspect: bool
 
     def key(self, sample: Sample) -> str:
-        return f"{sample.identity}|{sample.aspect}" if self.match_on_aspect else sample.identity
+        return identity_key(sample, "subject_aspect" if self.match_on_aspect else "subject")
 
     def images(self) -> list[Sample]:
         """Every sample any split needs, each once, in a stable order."""

@@ -410,13 +410,7 @@ class Trainer:
 
     def _append_history(self, row: dict) -> None:
         """Rewrite history.csv whole (atomically) with the new row: never a half-written line."""
-        rows = _read_history(self.paths.history) + [row]
-        columns = _history_columns(rows)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.paths.history, buffer.getvalue())
+        _write_history(self.paths.history, _read_history(self.paths.history) + [row])
 
     def _plot(self) -> None:
         from handclip.report.plots import plot_history
@@ -446,9 +440,12 @@ def _read_history(path: Path) -> list[dict]:
 def _truncate_history(path: Path, epochs_done: int) -> None:
     if not path.exists():
         return
-    rows = [r for r in _read_history(path) if int(r["epoch"]) <= epochs_done]
+    _write_history(path, [r for r in _read_history(path) if int(r["epoch"]) <= epochs_done])
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_history_columns(rows) if rows else ["epoch"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=_history_columns(rows), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
