@@ -21,6 +21,24 @@ def reference_ranking(dist, query_ids, gallery_ids, max_rank=10):
     return {"cmc": cmc, "mAP": np.mean(aps), "mINP": np.mean(inps), "num_queries": len(aps)}
 
 
+def reference_trapezoid_map(dist, query_ids, gallery_ids):
+    """The published code's AP (compute_mAP of nathanlem1/MBA-Net evaluation_metrics.py), one query
+    at a time: the 0-based ranks of the true matches, then the trapezoid sum over them."""
+    aps = []
+    for i, query_id in enumerate(query_ids):
+        order = sorted(range(len(gallery_ids)), key=lambda j: (dist[i][j], j))
+        rows_good = [rank for rank, j in enumerate(order) if gallery_ids[j] == query_id]
+        if not rows_good:
+            continue
+        ap = 0.0
+        for n, rank in enumerate(rows_good):
+            precision = (n + 1) / (rank + 1)
+            old_precision = n / rank if rank != 0 else 1.0
+            ap += (1 / len(rows_good)) * (old_precision + precision) / 2
+        aps.append(ap)
+    return np.mean(aps)
+
+
 def reference_rerank(q_g, q_q, g_g, k1, k2, lambda_value):
     """The k-reciprocal re-ranking of the paper, image by image with Python sets."""
     num_query = len(q_g)
@@ -83,6 +101,7 @@ def test_evaluate_ranking_matches_reference(num_query, num_gallery, num_ids, unm
     dist, query_ids, gallery_ids = random_case(rng, num_query, num_gallery, num_ids, unmatched)
     got = evaluate_ranking(dist, query_ids, gallery_ids)
     assert_same_metrics(got, reference_ranking(dist, query_ids, gallery_ids))
+    assert got["mAP_trapezoid"] == pytest.approx(reference_trapezoid_map(dist, query_ids, gallery_ids))
     assert got["num_queries"] == num_query - unmatched
 
 
@@ -109,11 +128,35 @@ def test_hand_computed_values_and_string_ids():
     assert result["num_queries"] == 2
 
 
+@pytest.mark.parametrize("rank", [0, 1, 4])
+def test_trapezoid_ap_of_one_true_match(rank):
+    # one query, gallery of 6 ordered by distance; its one true image sits at 0-based `rank`
+    gallery_ids = ["x"] * 6
+    gallery_ids[rank] = "q"
+    result = evaluate_ranking([np.arange(6.0)], ["q"], gallery_ids)
+    assert result["mAP_trapezoid"] == pytest.approx(1.0 if rank == 0 else 1 / (2 * (rank + 1)))
+    assert result["mAP"] == pytest.approx(1 / (rank + 1))
+
+
+def test_trapezoid_ap_of_several_true_matches():
+    # true images at 0-based ranks 0, 2, 3: p = 1, 2/3, 3/4; p_old = 1, 1/2, 2/3
+    result = evaluate_ranking([np.arange(5.0)], ["q"], ["q", "x", "q", "q", "y"])
+    expected = ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 3 + 3 / 4) / 2) / 3
+    assert result["mAP_trapezoid"] == pytest.approx(expected)
+    assert result["mAP"] == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # a second query whose only match is at 0-based rank 1 (1/4), and one unmatched query (left out)
+    both = evaluate_ranking([np.arange(5.0)] * 3, ["q", "x", "z"], ["q", "x", "q", "q", "y"])
+    assert both["mAP_trapezoid"] == pytest.approx((expected + 1 / 4) / 2)
+    assert both["num_queries"] == 2
+
+
 def test_ties_keep_gallery_order():
     rng = np.random.default_rng(5)
     dist, query_ids, gallery_ids = random_case(rng, 30, 200, 50)
     tied = np.floor(dist * 4)  # four distinct distances: ties everywhere
-    assert_same_metrics(evaluate_ranking(tied, query_ids, gallery_ids), reference_ranking(tied, query_ids, gallery_ids))
+    got = evaluate_ranking(tied, query_ids, gallery_ids)
+    assert_same_metrics(got, reference_ranking(tied, query_ids, gallery_ids))
+    assert got["mAP_trapezoid"] == pytest.approx(reference_trapezoid_map(tied, query_ids, gallery_ids))
     assert evaluate_ranking(np.zeros((1, 2)), ["a"], ["b", "a"])["rank1"] == 0.0
 
 
@@ -201,6 +244,6 @@ def test_rerank_keeps_metrics_in_unit_range():
     reranked = k_reciprocal_rerank(pairwise_distance(query, gallery), pairwise_distance(query, query),
                                    pairwise_distance(gallery, gallery))
     result = evaluate_ranking(reranked, query_ids, gallery_ids)
-    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+    for key in ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP"):
         assert 0.0 <= result[key] <= 1.0
     assert np.all(np.diff(result["cmc"]) >= 0)

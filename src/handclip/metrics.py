@@ -35,14 +35,22 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
                      max_rank: int = 10) -> dict:
     """CMC, mAP and mINP of ranking the gallery by ``dist`` (Q, G), smaller = closer.
 
-    Returns ``{"cmc": float array (max_rank,), "rank1", "rank5", "rank10", "mAP", "mINP":
-    fractions in [0, 1], "num_queries": int}``. A query whose identity is absent from the
+    Returns ``{"cmc": float array (max_rank,), "rank1", "rank5", "rank10", "mAP", "mAP_trapezoid",
+    "mINP": fractions in [0, 1], "num_queries": int}``. A query whose identity is absent from the
     gallery is left out of every average and of ``num_queries``; if that leaves no query at all,
     a ``ValueError`` is raised (the caller knows which files to blame). Rank-k for a gallery
     smaller than k is 1. Ties in ``dist`` keep gallery order (stable sort).
 
     AP is the mean precision at the ranks of the true matches; INP is
     (number of true matches) / (rank of the last true match).
+
+    ``mAP_trapezoid`` is the AP the published hand re-ID numbers use (MBA-Net and CLIP-HandID,
+    ``compute_mAP`` in nathanlem1/MBA-Net evaluation_metrics.py and nathanlem1/CLIP-HandID
+    utils/evaluation_metrics.py, from the old Market-1501 code): for n true matches at 0-based
+    ranks r_0 < r_1 < ..., AP = sum_i (p_old_i + p_i) / (2 n) with p_i = (i+1)/(r_i+1) and
+    p_old_i = i/r_i (1 when r_i = 0). One true match at rank r > 0 scores 1/(2(r+1)), half the
+    standard AP. Their code also divides by every query, matched or not; every query of the
+    published protocol has a match, so leaving unmatched queries out, as for ``mAP``, agrees there.
     """
     _, matches = ranked_matches(dist, query_ids, gallery_ids)
     matches = matches[matches.any(axis=1)]
@@ -56,7 +64,11 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
     first_hit = ranks[row_start]
     last_hit = ranks[row_start + num_matches - 1]
     hits_so_far = np.arange(len(rows)) - row_start[rows] + 1
-    average_precision = np.bincount(rows, hits_so_far / (ranks + 1), minlength=len(matches)) / num_matches
+    precision = hits_so_far / (ranks + 1)
+    average_precision = np.bincount(rows, precision, minlength=len(matches)) / num_matches
+    # Precision just before each hit; rank 0 can only be the first hit, whose "before" counts as 1.
+    precision_before = np.where(ranks > 0, (hits_so_far - 1) / np.maximum(ranks, 1), 1.0)
+    trapezoid_ap = np.bincount(rows, (precision_before + precision) / 2, minlength=len(matches)) / num_matches
     inverse_negative_penalty = num_matches / (last_hit + 1)
 
     cmc = (first_hit[:, None] < np.arange(1, max_rank + 1)).mean(axis=0)
@@ -66,6 +78,7 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
         "rank5": float(np.mean(first_hit < 5)),
         "rank10": float(np.mean(first_hit < 10)),
         "mAP": float(average_precision.mean()),
+        "mAP_trapezoid": float(trapezoid_ap.mean()),
         "mINP": float(inverse_negative_penalty.mean()),
         "num_queries": int(len(matches)),
     }
