@@ -50,6 +50,24 @@ def tiny_run(synth_root, splits_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def hd_root(tmp_path_factory):
+    """A tiny fake HK PolyU HD download: six training subjects (ids <= 447) with 4 photos, four test
+    subjects with 3, two 502-712 distractor subjects with 2; small seeded JPEGs, one colour per subject."""
+    root = tmp_path_factory.mktemp("hd")
+    rng = np.random.default_rng(0)
+    plan = {"1-501": {**dict.fromkeys(range(442, 448), 4), **dict.fromkeys(range(448, 452), 3)},
+            "502-712": {502: 2, 503: 2}}
+    for folder, subjects in plan.items():
+        (root / "Original Images" / folder).mkdir(parents=True)
+        for subject, count in subjects.items():
+            colour = rng.integers(0, 256, 3)
+            for n in range(1, count + 1):
+                pixels = np.clip(colour + rng.normal(0, 30, (24, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / "Original Images" / folder / f"{subject}_{n}.jpg")
+    return root
+
+
 @dataclass(frozen=True)
 class PhotoSample:
     """The one field of manifests.Sample that datasets read."""

@@ -9,7 +9,10 @@ import pytest
 
 from handclip.cli import main
 from handclip.data.manifests import load_split
-from handclip.engine.evaluation import EvaluateOptions, build_encoders, build_protocols, evaluate_protocol
+from handclip.data.protocols import prepare_hd
+from handclip.engine.evaluation import (EvaluateOptions, build_encoders, build_protocols, evaluate_protocol,
+                                        uses_flip)
+from handclip.errors import UserError
 from handclip.metrics import evaluate_ranking, pairwise_distance
 import handclip
 
@@ -33,13 +36,14 @@ def test_trained_checkpoint_matches_an_independent_computation(tiny_run, synth_r
         gallery = load_split(synth_root, splits_dir, "dorsal_r", f"gallery_{i}")
         dist = pairwise_distance(model.encode([s.path for s in query]), model.encode([s.path for s in gallery]))
         expected = evaluate_ranking(dist, [s.identity for s in query], [s.identity for s in gallery])
-        for key in ("rank1", "rank5", "mAP", "mINP"):
+        for key in ("rank1", "rank5", "mAP", "mAP_trapezoid", "mINP"):
             assert split[key] == pytest.approx(expected[key], abs=0.02), key
         assert split["num_queries"] == len(query)
     mean_rank1 = np.mean([s["rank1"] for s in result["splits"]])
     assert result["mean"]["rank1"] == pytest.approx(mean_rank1)
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("aspect,split,rank1") and len(csv_lines) == 1 + 3 + 2
+    assert csv_lines[0] == "aspect,split,rank1,rank5,rank10,mAP,mAP_trapezoid,mINP,num_queries"
+    assert len(csv_lines) == 1 + 3 + 2
 
 
 def test_zero_shot_report_references_existing_pictures(synth_root, splits_dir, tmp_path):
@@ -88,7 +92,7 @@ def test_all_aspects_one_table(tiny_run, synth_root, splits_dir, tmp_path, capsy
     summary = json.loads((out / "results.json").read_text())
     assert [r["aspect"] for r in summary["aspects"]] == ["dorsal_r", "dorsal_l", "palmar_r", "palmar_l"]
     printed = capsys.readouterr().out
-    assert all(a in printed for a in ("dorsal_r", "palmar_l")) and "±" in printed
+    assert all(a in printed for a in ("dorsal_r", "palmar_l", "mAP_trapezoid")) and "±" in printed
     html = (out / "report.html").read_text()
     assert all((out / src).is_file() for src in re.findall(r'<img src="([^"]+)"', html))
 
@@ -167,3 +171,64 @@ def test_zero_shot_random_init_is_reproducible(synth_root, splits_dir, tmp_path)
                                 "--pretrained", "none", "--aspect", "dorsal_r", "--num-splits", "1")[1])
     first, second = (json.loads((out / "results.json").read_text()) for out in results)
     assert first["splits"] == second["splits"]
+
+
+# ---- the published protocol ------------------------------------------------------------------------
+def test_published_protocol_is_gallery_all_with_flip(tiny_run, synth_root, splits_dir, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.pt"
+    code, out = evaluate(tmp_path / "p", synth_root, splits_dir, "--checkpoint", ckpt, "--aspect", "dorsal_r",
+                         "--protocol", "published", "--num-splits", "2")
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["protocol"] == "published"
+    model = handclip.load_model(ckpt)
+    for i, split in enumerate(result["splits"]):
+        query = load_split(synth_root, splits_dir, "dorsal_r", f"query_{i}")
+        gallery = load_split(synth_root, splits_dir, "dorsal_r", f"gallery_{i}_all")
+        assert {s.aspect for s in gallery} == {"dorsal_r", "dorsal_l", "palmar_r", "palmar_l"}
+        dist = pairwise_distance(model.encode([s.path for s in query], flip=True),
+                                 model.encode([s.path for s in gallery], flip=True))
+        expected = evaluate_ranking(dist, [(s.identity, s.aspect) for s in query],
+                                    [(s.identity, s.aspect) for s in gallery])
+        for key in ("rank1", "mAP", "mAP_trapezoid", "mINP"):
+            assert split[key] == pytest.approx(expected[key], abs=0.02), key
+    # the same numbers as the single-aspect options spelled out, under another name
+    code, manual = evaluate(tmp_path / "m", synth_root, splits_dir, "--checkpoint", ckpt, "--aspect", "dorsal_r",
+                            "--gallery-all", "--flip", "--num-splits", "2")
+    spelled_out = json.loads((manual / "results.json").read_text())
+    assert spelled_out["protocol"] == "gallery-all+flip" and spelled_out["splits"] == result["splits"]
+    report = (out / "report.html").read_text()
+    assert "Published results under the same protocol" in report and "MBA-Net" in report
+
+
+def test_published_protocol_ranks_hd_in_its_gallery_with_distractors(hd_root, synth_root, splits_dir, tmp_path):
+    hd_splits = tmp_path / "hd_splits"
+    prepare_hd(root=hd_root, out=hd_splits, seed=0, num_splits=2)
+    for protocol, flip in (("published", True), ("single-aspect", False)):
+        options = EvaluateOptions(data_root=hd_root, splits=hd_splits, out=tmp_path, zero_shot=True,
+                                  aspect="hd", protocol=protocol)
+        (hd,) = build_protocols(options)
+        assert uses_flip(options) is flip and not hd.match_on_aspect
+        for i, gallery in enumerate(hd.galleries):
+            assert gallery == load_split(hd_root, hd_splits, "hd", f"gallery_{i}")
+            assert {"1502", "1503"} <= {s.identity for s in gallery}  # the 502-712 distractors
+        published_11k = build_protocols(EvaluateOptions(data_root=synth_root, splits=splits_dir, out=tmp_path,
+                                                        zero_shot=True, all_aspects=True, protocol=protocol))
+        for p in published_11k:
+            gallery_name = "gallery_0_all" if protocol == "published" else "gallery_0"
+            assert p.galleries[0] == load_split(synth_root, splits_dir, p.aspect, gallery_name)
+
+
+def test_protocol_errors(synth_root, splits_dir, tmp_path, capsys):
+    code, _ = evaluate(tmp_path, synth_root, splits_dir, "--zero-shot", "--arch", "tiny-vit", "--pretrained", "none",
+                       "--protocol", "published", "--query-aspect", "dorsal_r", "--gallery-aspect", "palmar_r")
+    err = capsys.readouterr().err
+    assert code == 2 and "--protocol published" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(tmp_path, synth_root, splits_dir, "--zero-shot", "--aspect", "dorsal_r", "--protocol", "papers")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("handclip: error: evaluate: argument --protocol") and "'published'" in err
+    with pytest.raises(UserError, match="papers"):
+        build_protocols(EvaluateOptions(data_root=synth_root, splits=splits_dir, out=tmp_path, aspect="dorsal_r",
+                                        protocol="papers"))

@@ -107,6 +107,7 @@ def _evaluate(args):
         device=args.device,
         show_queries=args.show_query or [],
         quiet=args.quiet,
+        protocol=args.protocol,
     )
     run_evaluate(options)
 
@@ -130,6 +131,15 @@ def _bench(args):
     )
 
 
+def _benchmark(args):
+    from handclip.engine.benchmark import BenchmarkOptions, run_benchmark
+
+    aspects = [a.strip() for a in args.benchmark_aspects.split(",") if a.strip()] if args.benchmark_aspects else None
+    run_benchmark(BenchmarkOptions(config=args.config, out=args.out, data_11k=args.data_11k, data_hd=args.data_hd,
+                                   aspects=aspects, overrides=_overrides(args), num_splits=args.num_splits,
+                                   device=args.device, quiet=args.quiet))
+
+
 def _cache_build(args):
     from handclip.engine.cache_cli import build_cache_for_splits
 
@@ -138,8 +148,19 @@ def _cache_build(args):
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end like every other user error: one ``handclip: error:`` line, exit code 2
+    (argparse's own error prints the usage first)."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("handclip").strip()
+        self.exit(2, f"handclip: error: {command + ': ' if command else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="handclip", description=__doc__.splitlines()[0])
+    from handclip.published import PROTOCOLS
+
+    parser = _Parser(prog="handclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -190,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-aspects", action="store_true")
     p.add_argument("--query-aspect")
     p.add_argument("--gallery-aspect")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="single-aspect",
+                   help="published: as MBA-Net/CLIP-HandID (11k gallery_all, HD with distractors, flip)")
     p.add_argument("--gallery-all", action="store_true", help="the published cross-aspect distractor gallery")
     p.add_argument("--num-splits", type=int)
     p.add_argument("--out", required=True, type=Path)
@@ -224,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("benchmark", help="train and evaluate every aspect under the published protocol: "
+                                         "leaderboard.json/.md beside the published results")
+    p.add_argument("--config", type=Path, required=True, help="the preset every aspect trains with")
+    p.add_argument("--data-11k", type=Path, metavar="ROOT", help="11k Hands root (HandInfo.csv, Hands/)")
+    p.add_argument("--data-hd", type=Path, metavar="ROOT", help="HK PolyU HD root ('Original Images')")
+    p.add_argument("--out", type=Path, required=True, help="benchmark folder (a second call resumes it)")
+    p.add_argument("--aspects", dest="benchmark_aspects", metavar="A,B,...",
+                   help="default: the four 11k aspects, and hd with --data-hd")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-splits", type=int, default=10, help="query/gallery splits to prepare and evaluate")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_benchmark)
 
     p = sub.add_parser("cache", help="decoded-image cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True)

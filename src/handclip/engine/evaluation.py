@@ -24,8 +24,9 @@ from handclip.engine.training_data import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
 from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
+from handclip.published import PROTOCOLS, EvaluationProtocol
 
-METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class EvaluateOptions:
     device: str = "auto"
     show_queries: list[str] = field(default_factory=list)
     quiet: bool = False
+    protocol: str = "single-aspect"  # a key of handclip.published.PROTOCOLS
 
 
 @dataclass
@@ -128,8 +130,21 @@ def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None):
 
 
 # ---- protocols ------------------------------------------------------------------------------------
+def evaluation_protocol(options: EvaluateOptions) -> EvaluationProtocol:
+    """The named protocol of ``options``; --flip and --gallery-all only add to it (under
+    ``published`` they are already on), cross-aspect flags only where the protocol allows them."""
+    rule = PROTOCOLS.get(options.protocol)
+    if rule is None:
+        raise UserError(f"--protocol {options.protocol}: unknown (expected one of: {', '.join(PROTOCOLS)})")
+    if (options.query_aspect or options.gallery_aspect) and not rule.cross_aspect:
+        raise UserError(f"--protocol {options.protocol} fixes each aspect's gallery; --query-aspect/--gallery-aspect "
+                        f"need --protocol single-aspect")
+    return rule
+
+
 def build_protocols(options: EvaluateOptions) -> list[Protocol]:
     data_root, splits = options.data_root, options.splits
+    rule = evaluation_protocol(options)
     if options.query_aspect or options.gallery_aspect:
         if not (options.query_aspect and options.gallery_aspect):
             raise UserError("cross-aspect evaluation needs both --query-aspect and --gallery-aspect")
@@ -143,7 +158,8 @@ def build_protocols(options: EvaluateOptions) -> list[Protocol]:
         aspects = [options.aspect]
     else:
         raise UserError("evaluate needs --aspect A, --all-aspects, or --query-aspect/--gallery-aspect")
-    return [same_aspect_protocol(data_root, splits, a, options.num_splits, options.gallery_all) for a in aspects]
+    return [same_aspect_protocol(data_root, splits, a, options.num_splits,
+                                 options.gallery_all or a in rule.gallery_all_aspects) for a in aspects]
 
 
 def _has_aspect(splits: Path, aspect: str) -> bool:
@@ -225,7 +241,7 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:
     dataset = ImageDataset(images, None, size=encoder.image_size, cache=True, progress=not options.quiet)
-    return extract_features(encoder, dataset, batch_size=options.batch_size, flip=options.flip,
+    return extract_features(encoder, dataset, batch_size=options.batch_size, flip=uses_flip(options),
                             progress=not options.quiet, desc="encode test images")
 
 
@@ -260,10 +276,19 @@ def summarise(protocol: Protocol, per_split: list[dict], options: EvaluateOption
     }
 
 
+def uses_flip(options: EvaluateOptions) -> bool:
+    return options.flip or evaluation_protocol(options).flip
+
+
 def _protocol_label(protocol: Protocol, options: EvaluateOptions) -> str:
-    parts = ["cross-aspect" if "->" in protocol.aspect else ("gallery-all" if protocol.match_on_aspect
-                                                              else "single-aspect")]
-    parts += [p for p, on in (("flip", options.flip), ("rerank", options.rerank)) if on]
+    """``published`` (+ rerank, fusion); under single-aspect, the gallery actually ranked (+ flip ...)."""
+    if options.protocol != "single-aspect":
+        parts = [options.protocol]
+    else:
+        parts = ["cross-aspect" if "->" in protocol.aspect else ("gallery-all" if protocol.match_on_aspect
+                                                                  else "single-aspect")]
+        parts += ["flip"] if options.flip else []
+    parts += ["rerank"] if options.rerank else []
     if len(options.checkpoints) > 1:
         parts.append(f"fusion-{options.fusion}")
     return "+".join(parts)

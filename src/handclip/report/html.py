@@ -1,5 +1,6 @@
 """``report.html``: one self-contained offline page (inline style, relative links to the PNGs
-beside it) with the results table, the pictures, the most-missed identities and the history."""
+beside it) with the results table, the published results measured the same way, the pictures,
+the most-missed identities and the history."""
 from __future__ import annotations
 
 import html
@@ -9,8 +10,10 @@ from typing import Hashable, Sequence
 from urllib.parse import quote
 
 from handclip.fileio import atomic_write_text
+from handclip.published import PROTOCOLS, comparable, for_aspect
 
-METRIC_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"), ("mINP", "mINP"))
+METRIC_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"),
+                  ("mAP_trapezoid", "mAP (trapezoid)"), ("mINP", "mINP"))
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
@@ -36,11 +39,13 @@ def write_report(out_dir, title: str, results: dict | Sequence[dict],
     ``images``: ``(caption, path)`` pairs and ``history_pngs``: paths, both relative to
     ``out_dir`` and existing (``ValueError`` otherwise: the page must not have broken links).
     ``missed``: ``(identity, count)`` of the identities most often missed at rank 1.
+    Published results (:mod:`handclip.published`) appear only beside a result on the same aspect
+    under the same protocol, each in the column of its own AP definition.
     """
     out_dir = Path(out_dir)
     if isinstance(results, dict):
         results = results.get("aspects", [results])
-    parts = [f"<h1>{_text(title)}</h1>", "<h2>Results</h2>", _results_table(results)]
+    parts = [f"<h1>{_text(title)}</h1>", "<h2>Results</h2>", _results_table(results), _published_section(results)]
     parts += [_split_details(result) for result in results if result.get("splits")]
     if images:
         parts.append("<h2>Pictures</h2>")
@@ -72,6 +77,34 @@ def _results_table(results: Sequence[dict]) -> str:
         cells += [_percent(mean.get(key), std.get(key) if std else None) for key, _ in METRIC_COLUMNS]
         rows.append(cells)
     return _table(header, rows)
+
+
+def _published_section(results: Sequence[dict]) -> str:
+    """The papers' numbers comparable with ``results`` (same aspect, same protocol), and which
+    protocol the others used."""
+    shown, hidden = [], []
+    for result in results:
+        aspect, protocol = str(result.get("aspect", "")), str(result.get("protocol", ""))
+        same = comparable(aspect, protocol)
+        shown += [row for row in same if row not in shown]
+        hidden += [row for row in for_aspect(aspect) if row not in same and row not in hidden]
+    parts = []
+    if shown:
+        header = ["method", "backbone", "aspect", "protocol"] + [name for _, name in METRIC_COLUMNS] + ["source"]
+        rows = [[row.method, row.backbone, row.aspect, row.protocol]
+                + [_percent({"rank1": row.rank1, row.map_metric: row.mAP}.get(key), None) for key, _ in METRIC_COLUMNS]
+                + [row.source] for row in shown]
+        notes = "".join(f"<li><b>{_text(name)}</b>: {_text(PROTOCOLS[name].description)}</li>"
+                        for name in sorted({row.protocol for row in shown}))
+        parts += ["<h2>Published results under the same protocol</h2>",
+                  "<p>Each paper's mAP stands in the column of its own AP definition: MBA-Net and GPA-Net report "
+                  "the trapezoid AP of the old Market-1501 code, the CLIP-FH thesis the standard AP. "
+                  "Blank: not reported.</p>", f"<ul>{notes}</ul>", _table(header, rows)]
+    if hidden:
+        listed = "; ".join(f"{row.method} ({row.backbone}): {row.protocol}" for row in hidden)
+        parts.append(f"<p>Not shown, measured under another protocol: {_text(listed)}. "
+                     f"<code>handclip evaluate --protocol NAME</code> measures the way they did.</p>")
+    return "\n".join(parts)
 
 
 def _percent(mean: float | None, std: float | None) -> str:
