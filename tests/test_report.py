@@ -1,5 +1,6 @@
 import csv
 import itertools
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -226,3 +227,35 @@ def test_report_accepts_flat_means_and_rejects_missing_pictures(tmp_path):
     (tmp_path / "abs.png").write_bytes(b"")
     with pytest.raises(ValueError, match="abs.png"):
         write_report(tmp_path, "demo", [flat], images=[("abs", tmp_path / "abs.png")])
+
+
+def table_rows(text: str, marker: str) -> list[list[str]]:
+    """The cells of every table row of ``text`` that contains ``marker``."""
+    rows = re.findall(r"<tr>(.*?)</tr>", text)
+    return [re.findall(r"<td>(.*?)</td>", row) for row in rows if marker in row]
+
+
+def published_header(text: str) -> list[str]:
+    (row,) = [row for row in re.findall(r"<tr>(.*?)</tr>", text) if "<th>source</th>" in row]
+    return re.findall(r"<th>(.*?)</th>", row)
+
+
+def test_report_shows_published_results_only_under_the_same_protocol(tmp_path):
+    published = dict(result("dorsal_r", 0.5), protocol="published+rerank")
+    text = write_report(tmp_path / "p", "published", published).read_text(encoding="utf-8")
+    header = published_header(text)
+    (mba,) = table_rows(text, "MBA-Net")
+    assert mba[header.index("Rank-1")] == "97.45" and mba[header.index("mAP (trapezoid)")] == "97.98"
+    assert mba[header.index("mAP")] == ""  # MBA-Net reports the trapezoid AP only
+    assert table_rows(text, "GPA-Net") and not table_rows(text, "CLIP-FH")  # nor its zero-shot rows
+    assert "Not shown, measured under another protocol" in text and "single-aspect" in text
+
+    text = write_report(tmp_path / "s", "single", result("dorsal_r", 0.5)).read_text(encoding="utf-8")
+    header = published_header(text)
+    (thesis,) = table_rows(text, "CE+triplet+center")
+    assert thesis[header.index("mAP")] == "92.20" and thesis[header.index("mAP (trapezoid)")] == ""
+    assert len(table_rows(text, "zero-shot")) == 2 and not table_rows(text, "MBA-Net")
+    assert "MBA-Net (ResNet50 (ImageNet), 324 px): published" in text
+
+    text = write_report(tmp_path / "c", "cross", dict(result("dorsal_r->palmar_r", 0.5), protocol="cross-aspect"))
+    assert "Published results" not in text.read_text(encoding="utf-8")

@@ -78,7 +78,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         _check_num_splits(datasets[aspect], aspect, options.num_splits)
     results = {aspect: _train_and_evaluate(aspect, datasets[aspect], config, options, clock) for aspect in aspects}
     leaderboard = {"rows": leaderboard_rows(results, f"handclip {Path(options.config).stem}", config.model.arch),
-                   "seconds": clock.summary()}
+                   "seconds": clock.finish()}
     atomic_write_json(out / "leaderboard.json", leaderboard)
     atomic_write_text(out / "leaderboard.md", format_leaderboard(leaderboard))
     if not options.quiet:
@@ -195,10 +195,14 @@ class PhaseClock:
         self.mark = now
         self._save()
 
-    def summary(self) -> dict[str, float]:
-        """Each phase, then the whole (this call's time since its last phase included)."""
-        total = self.seconds.get("total", 0.0) + time.perf_counter() - self.mark
-        return {**{k: round(v, 1) for k, v in self.seconds.items() if k != "total"}, "total": round(total, 1)}
+    def finish(self) -> dict[str, float]:
+        """Add the time since the last phase to the whole; return each phase, then the whole."""
+        now = time.perf_counter()
+        self.seconds["total"] = self.seconds.get("total", 0.0) + now - self.mark
+        self.mark = now
+        self._save()
+        return {**{k: round(v, 1) for k, v in self.seconds.items() if k != "total"},
+                "total": round(self.seconds["total"], 1)}
 
     def _save(self) -> None:
         atomic_write_json(self.path, {"settings": self.settings, "seconds": self.seconds})
