@@ -137,3 +137,10 @@ def test_bad_input_exits_2_with_one_line(case, synth_root, splits_dir, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "bench").exists()
+
+
+def test_a_bad_flag_is_one_line_too(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--out", str(tmp_path / "bench")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == "handclip: error: benchmark: the following arguments are required: --config\n"

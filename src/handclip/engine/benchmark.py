@@ -31,6 +31,7 @@ from handclip.published import AP_METRIC, PROTOCOLS, for_aspect
 PROTOCOL = "published"
 LEADERBOARD_METRICS = ("rank1", "mAP", "mAP_trapezoid", "mINP")
 SETTINGS_FILE = "benchmark.json"
+PREPARE = {"11k": prepare_11k, "hd": prepare_hd}  # splits written where a dataset root has none (seed 0)
 
 
 @dataclass
@@ -67,13 +68,12 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
                         f"(sequential fine-tuning) cannot run here")
     aspects = _aspects(options)
     datasets = {aspect: _dataset(options, aspect) for aspect in aspects}
-    settings = _check_settings(out, config, options, sorted(set(datasets.values()), key=lambda d: d.name))
-    clock = PhaseClock(out / SETTINGS_FILE, settings)
-    for dataset in sorted(set(datasets.values()), key=lambda d: d.name):
+    used = sorted(set(datasets.values()), key=lambda d: d.name)
+    clock = PhaseClock(out / SETTINGS_FILE, _check_settings(out, config, options, used))
+    for dataset in used:
         if not dataset.splits.exists():
             with clock.phase(f"prepare_{dataset.name}"):
-                prepare = prepare_11k if dataset.name == "11k" else prepare_hd
-                prepare(root=dataset.root, out=dataset.splits, seed=0, num_splits=options.num_splits)
+                PREPARE[dataset.name](root=dataset.root, out=dataset.splits, seed=0, num_splits=options.num_splits)
     for aspect in aspects:
         _check_num_splits(datasets[aspect], aspect, options.num_splits)
     results = {aspect: _train_and_evaluate(aspect, datasets[aspect], config, options, clock) for aspect in aspects}
@@ -81,8 +81,9 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
                    "seconds": clock.finish()}
     atomic_write_json(out / "leaderboard.json", leaderboard)
     atomic_write_text(out / "leaderboard.md", format_leaderboard(leaderboard))
+    print(format_leaderboard(leaderboard))
     if not options.quiet:
-        print(format_leaderboard(leaderboard))
+        print(f"leaderboard: {out / 'leaderboard.json'}, {out / 'leaderboard.md'}")
     return leaderboard
 
 
