@@ -42,7 +42,7 @@ def test_trained_checkpoint_matches_an_independent_computation(tiny_run, synth_r
     mean_rank1 = np.mean([s["rank1"] for s in result["splits"]])
     assert result["mean"]["rank1"] == pytest.approx(mean_rank1)
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0] == "aspect,split,rank1,rank5,rank10,mAP,mAP_trapezoid,mINP,num_queries"
+    assert csv_lines[0] == "aspect,split,rank1,rank5,rank10,mAP,mAP_trapezoid,mINP,num_queries,eer,fnmr_at_fmr_1e-2,fnmr_at_fmr_1e-3,auc"
     assert len(csv_lines) == 1 + 3 + 2
 
 

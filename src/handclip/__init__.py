@@ -5,6 +5,11 @@ Three lines for a user::
     import handclip
     model = handclip.load_model("runs/my_run/checkpoints/best.pt")
     features = model.encode(["query.jpg", "gallery/a.jpg"])  # (2, D), L2-normalised
+
+Likelihood ratios from a calibration folder of ``handclip calibrate``::
+
+    calibrator = handclip.load_calibrator("cal/dorsal_r")
+    log10_lr = calibrator.llr(features[1:] @ features[0])   # cosine similarities → bounded log10 LRs
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 
@@ -13,7 +18,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0"
 
-__all__ = ["__version__", "load_model"]
+from handclip import forensic  # light: handclip.forensic.verbal_equivalent without another import
+
+__all__ = ["__version__", "forensic", "load_calibrator", "load_model"]
 
 
 def load_model(path, device="cpu"):
@@ -21,3 +28,10 @@ def load_model(path, device="cpu"):
     from handclip.engine.checkpoint import load_model as _load_model
 
     return _load_model(path, device=device)
+
+
+def load_calibrator(path):
+    """Load ``CAL_DIR/calibrator.json``; returns a calibrator with ``.llr(scores)`` (log10 LRs)."""
+    from handclip.forensic.calibration import load_calibrator as _load_calibrator
+
+    return _load_calibrator(path)

@@ -108,8 +108,26 @@ def _evaluate(args):
         show_queries=args.show_query or [],
         quiet=args.quiet,
         protocol=args.protocol,
+        save_scores=args.save_scores,
     )
     run_evaluate(options)
+
+
+def _calibrate(args):
+    from handclip.engine.calibrate import CalibrateOptions, run_calibrate
+
+    run_calibrate(CalibrateOptions(
+        checkpoint=args.checkpoint, data_root=args.data, splits=args.splits, aspect=args.aspect, out=args.out,
+        method=args.method, calibration_splits=[n.strip() for n in args.calibration_splits.split(",") if n.strip()],
+        folds=args.folds, seed=args.seed, batch_size=args.batch_size, device=args.device, quiet=args.quiet,
+    ))
+
+
+def _compare(args):
+    from handclip.engine.compare import run_compare
+
+    run_compare(checkpoint=args.checkpoint, calibration=args.calibration, questioned=args.questioned,
+                references=args.references, out=args.out, device=args.device, quiet=args.quiet)
 
 
 def _demo(args):
@@ -226,8 +244,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--show-query", action="append", metavar="IMAGE", help="also draw this query's ranking")
+    p.add_argument("--save-scores", action="store_true", help="write every pair's score to scores_<i>.npz")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit and validate a likelihood-ratio calibrator for a checkpoint")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--splits", required=True, type=Path)
+    p.add_argument("--aspect", required=True)
+    p.add_argument("--method", choices=["logistic", "isotonic", "kde"], default="logistic")
+    p.add_argument("--calibration-splits", default="test", metavar="NAMES",
+                   help="split names whose images form the pairs (comma-separated; people the model never saw)")
+    p.add_argument("--folds", type=int, default=5, help="subject-disjoint folds of the validation")
+    p.add_argument("--seed", type=int, default=0, help="how subjects are dealt into folds")
+    p.add_argument("--out", required=True, type=Path, metavar="CAL_DIR")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_calibrate)
+
+    p = sub.add_parser("compare", help="likelihood ratios of a questioned hand photo against references")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--calibration", required=True, type=Path, metavar="CAL_DIR")
+    p.add_argument("questioned", type=Path, metavar="QUESTIONED")
+    p.add_argument("references", type=Path, nargs="+", metavar="REFERENCE")
+    p.add_argument("--out", required=True, type=Path, metavar="CASE_DIR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_compare)
 
     p = sub.add_parser("demo", help="synthesise hands, evaluate untrained, train tiny, evaluate again")
     p.add_argument("--out", type=Path, default=Path("demo_out"))

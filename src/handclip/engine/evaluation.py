@@ -23,6 +23,8 @@ from handclip.engine.features import extract_features
 from handclip.engine.training_data import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
+from handclip.forensic.verification import (
+    VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
 from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
@@ -57,6 +59,7 @@ class EvaluateOptions:
     show_queries: list[str] = field(default_factory=list)
     quiet: bool = False
     protocol: str = "single-aspect"  # a key of handclip.published.PROTOCOLS
+    save_scores: bool = False  # scores_<i>.npz: every query x gallery pair's score and label
 
 
 @dataclass
@@ -90,7 +93,8 @@ def run_evaluate(options: EvaluateOptions) -> dict:
     results = []
     for protocol in protocols:
         target = out / protocol.name if len(protocols) > 1 else out
-        result, ranking = evaluate_protocol(protocol, encoders, options)
+        scores_dir = target if options.save_scores else None
+        result, ranking = evaluate_protocol(protocol, encoders, options, scores_dir=scores_dir)
         write_results(target, result)
         write_pictures(target, protocol, ranking, result, options)
         results.append(result)
@@ -215,14 +219,15 @@ class Ranking:
     cmc_mean: np.ndarray
 
 
-def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: EvaluateOptions):
+def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: EvaluateOptions,
+                      scores_dir: Path | None = None):
     images = protocol.images()
     if not any(protocol.queries):
         raise UserError(f"{options.splits}: the query set of '{protocol.name}' is empty")
     position = {s.path: i for i, s in enumerate(images)}
     features = [encode_all(encoder, images, options) for encoder in encoders]
-    per_split, cmcs, first = [], [], None
-    for queries, gallery in zip(protocol.queries, protocol.galleries):
+    per_split, cmcs, first, verification = [], [], None, []
+    for split, (queries, gallery) in enumerate(zip(protocol.queries, protocol.galleries)):
         q_index = [position[s.path] for s in queries]
         g_index = [position[s.path] for s in gallery]
         dist = fused_distance(features, q_index, g_index, options)
@@ -233,10 +238,16 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
                             f"every query is unmatched") from None
         per_split.append({k: float(metrics[k]) for k in METRIC_KEYS} | {"num_queries": int(metrics["num_queries"])})
         cmcs.append(np.asarray(metrics["cmc"]))
+        scores = 1.0 - dist  # the cosine similarity (with --rerank / euclidean: 1 - that distance)
+        same = pair_labels([protocol.key(s) for s in queries], [protocol.key(s) for s in gallery])
+        verification.append(verification_metrics(scores, same))
+        if scores_dir is not None:
+            save_pair_scores(Path(scores_dir) / f"scores_{split}.npz", scores, same,
+                             [s.image for s in queries], [s.image for s in gallery])
         if first is None:
             first = Ranking(queries, gallery, dist, None)
     first.cmc_mean = np.mean(cmcs, axis=0)
-    return summarise(protocol, per_split, options), first
+    return summarise(protocol, per_split, options) | {"verification": summarise_verification(verification)}, first
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:
@@ -303,14 +314,21 @@ def write_results(out: Path, result: dict) -> None:
 def _write_csv(path: Path, results: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["aspect", "split", *METRIC_KEYS, "num_queries"])
+    writer.writerow(["aspect", "split", *METRIC_KEYS, "num_queries", *VERIFICATION_KEYS])
     for result in results:
+        verification = result["verification"]
         for i, split in enumerate(result["splits"]):
-            writer.writerow([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"]])
+            writer.writerow([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"],
+                             *_verification_cells(verification["splits"][i])])
         for stat in ("mean", "std"):
             writer.writerow([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
-                             f"{result[stat]['num_queries']:.1f}"])
+                             f"{result[stat]['num_queries']:.1f}", *_verification_cells(verification[stat])])
     atomic_write_text(path, buffer.getvalue())
+
+
+def _verification_cells(metrics: dict | None) -> list[str]:
+    """Empty cells where a split has one class only (no verification)."""
+    return [f"{metrics[k]:.6f}" if metrics else "" for k in VERIFICATION_KEYS]
 
 
 def format_table(results: list[dict]) -> str:

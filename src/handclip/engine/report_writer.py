@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from handclip.errors import UserError
+from handclip.forensic.verification import pair_labels
 from handclip.report import missed_identities, worst_queries
+from handclip.report.forensic_plots import plot_det, plot_score_histogram
 from handclip.report.grids import draw_ranked_grids, ranked_row
 from handclip.report.html import write_report
 from handclip.report.plots import plot_cmc, plot_history
@@ -31,6 +33,7 @@ def write_evaluation_report(out: Path, protocol, ranking, result: dict, history_
     worst = worst_queries(ranking.dist, query_keys, gallery_keys, count=WORST_COUNT)
     if worst:
         images.append(("Worst queries of split 0", draw_ranked_grids(rows(worst), out / "worst_queries.png")))
+    images += _verification_pictures(out, 1.0 - ranking.dist, pair_labels(query_keys, gallery_keys))
     chosen = _chosen_queries(ranking.queries, show_queries)
     if chosen:
         images.append(("Chosen queries", draw_ranked_grids(rows(chosen), out / "chosen_queries.png")))
@@ -42,6 +45,14 @@ def write_evaluation_report(out: Path, protocol, ranking, result: dict, history_
                         images=[(caption, path.relative_to(out)) for caption, path in images],
                         missed=missed_identities(ranking.dist, query_keys, gallery_keys),
                         history_pngs=[p.relative_to(out) for p in history_pngs])
+
+
+def _verification_pictures(out: Path, scores, same) -> list[tuple[str, Path]]:
+    """DET curve and score histogram of split 0's query x gallery pairs (both classes needed)."""
+    if same.all() or not same.any():
+        return []
+    return [("DET curve of split 0 (every query x gallery pair)", plot_det(scores, same, out / "det.png")),
+            ("Scores of split 0: same vs. different source", plot_score_histogram(scores, same, out / "scores.png"))]
 
 
 def _chosen_queries(queries, wanted: list[str]) -> list[int]:

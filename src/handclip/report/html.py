@@ -14,6 +14,8 @@ from handclip.published import PROTOCOLS, comparable, for_aspect
 
 METRIC_COLUMNS = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"),
                   ("mAP_trapezoid", "mAP (trapezoid)"), ("mINP", "mINP"))
+VERIFICATION_COLUMNS = (("eer", "EER"), ("fnmr_at_fmr_1e-2", "FNMR at FMR 1%"),
+                        ("fnmr_at_fmr_1e-3", "FNMR at FMR 0.1%"), ("auc", "ROC AUC"))
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
@@ -46,6 +48,7 @@ def write_report(out_dir, title: str, results: dict | Sequence[dict],
     if isinstance(results, dict):
         results = results.get("aspects", [results])
     parts = [f"<h1>{_text(title)}</h1>", "<h2>Results</h2>", _results_table(results), _published_section(results)]
+    parts.append(_verification_table(results))
     parts += [_split_details(result) for result in results if result.get("splits")]
     if images:
         parts.append("<h2>Pictures</h2>")
@@ -105,6 +108,17 @@ def _published_section(results: Sequence[dict]) -> str:
         parts.append(f"<p>Not shown, measured under another protocol: {_text(listed)}. "
                      f"<code>handclip evaluate --protocol NAME</code> measures the way they did.</p>")
     return "\n".join(parts)
+
+
+def _verification_table(results: Sequence[dict]) -> str:
+    """Results' ``"verification"`` (every query x gallery pair as same or different source), when present."""
+    summaries = [(result.get("aspect", ""), result.get("verification") or {}) for result in results]
+    rows = [[aspect] + [_percent(summary["mean"][key], summary["std"][key]) for key, _ in VERIFICATION_COLUMNS]
+            for aspect, summary in summaries if summary.get("mean")]
+    if not rows:
+        return ""
+    return ("<h2>Verification</h2>\n<p>Every query x gallery pair scored as same or different source (%, mean ± std "
+            "over splits).</p>\n" + _table(["aspect"] + [name for _, name in VERIFICATION_COLUMNS], rows))
 
 
 def _percent(mean: float | None, std: float | None) -> str:

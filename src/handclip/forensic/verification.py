@@ -1,0 +1,92 @@
+"""Biometric verification metrics of a score: every comparison is same-source or different-source.
+
+ISO/IEC 19795-1 terms: a comparison is accepted when its score is at least the threshold; FMR (false
+match rate) = the share of different-source comparisons accepted, FNMR (false non-match rate) = the
+share of same-source comparisons rejected. The operating points come from scikit-learn's
+``roc_curve`` (FMR = fpr, FNMR = 1 - tpr) over every threshold (``drop_intermediate=False``).
+
+- EER: where FNMR = FMR, linearly interpolated between the two operating points on either side
+  of the crossing.
+- FNMR at FMR = x: the lowest FNMR of an operating point whose FMR is at most x (the threshold an
+  operator would set so that no more than a share x of different people match; NIST FRVT).
+- AUC: the area under the ROC curve = the probability that a same-source pair scores higher
+  than a different-source one (ties count half).
+
+Only the order of the scores matters: any increasing transform (similarity, -distance, log LR)
+gives the same numbers.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from handclip.fileio import atomic_write_bytes
+
+FMR_TARGETS = (("fnmr_at_fmr_1e-2", 1e-2), ("fnmr_at_fmr_1e-3", 1e-3))
+VERIFICATION_KEYS = ("eer",) + tuple(key for key, _ in FMR_TARGETS) + ("auc",)
+
+
+def verification_metrics(scores, same) -> dict | None:
+    """``{"eer", "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "auc"}`` (fractions) of ``scores``
+    (higher = more alike) with labels ``same`` (1 = same source); None when one class is absent."""
+    scores, same = _checked(scores, same)
+    if same.all() or not same.any():
+        return None
+    fmr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    fnmr = 1.0 - tpr
+    metrics = {"eer": equal_error_rate(fmr, fnmr)}
+    metrics |= {key: float(fnmr[fmr <= target].min()) for key, target in FMR_TARGETS}
+    metrics["auc"] = float(roc_auc_score(same, scores))
+    return metrics
+
+
+def equal_error_rate(fmr: np.ndarray, fnmr: np.ndarray) -> float:
+    """The error rate where the FNMR and FMR curves cross; both are given per operating point,
+    threshold falling (FMR rising, FNMR falling), as ``roc_curve`` orders them."""
+    gap = fnmr - fmr  # falls from 1 (nothing accepted) to -1 (everything accepted)
+    after = int(np.argmax(gap <= 0))  # >= 1: the first point accepts nothing (gap 1)
+    before = after - 1
+    weight = gap[before] / (gap[before] - gap[after])
+    return float(fmr[before] + weight * (fmr[after] - fmr[before]))
+
+
+def pair_labels(query_keys, gallery_keys) -> np.ndarray:
+    """(Q, G) booleans: query i and gallery image j show the same source."""
+    return np.asarray(query_keys, dtype=object)[:, None] == np.asarray(gallery_keys, dtype=object)[None, :]
+
+
+def summarise_verification(per_split: list[dict | None]) -> dict:
+    """results.json's ``"verification"``: mean and std over the splits that have both classes,
+    and every split (None where a split has only one class)."""
+    present = [split for split in per_split if split is not None]
+    summary = {"mean": None, "std": None, "splits": per_split}
+    if present:
+        table = {key: np.array([split[key] for split in present]) for key in VERIFICATION_KEYS}
+        summary["mean"] = {key: float(values.mean()) for key, values in table.items()}
+        summary["std"] = {key: float(values.std()) for key, values in table.items()}
+    return summary
+
+
+def save_pair_scores(path, scores, same, query_images, gallery_images) -> None:
+    """``scores_<i>.npz``: one entry per query x gallery pair, row-major: ``score`` (float32),
+    ``same`` (0/1), ``query`` and ``gallery`` (indices into ``query_images`` / ``gallery_images``,
+    the split's images as its CSV names them, also stored)."""
+    scores, same = np.asarray(scores), np.asarray(same)
+    query, gallery = np.indices(scores.shape, dtype=np.int32)
+    buffer = io.BytesIO()
+    np.savez(buffer, score=scores.astype(np.float32).ravel(), same=same.astype(np.uint8).ravel(),
+             query=query.ravel(), gallery=gallery.ravel(),
+             query_images=np.array(query_images, dtype=str), gallery_images=np.array(gallery_images, dtype=str))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _checked(scores, same) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=float).ravel()
+    same = np.asarray(same).ravel().astype(bool)
+    if scores.shape != same.shape:
+        raise ValueError(f"{scores.size} scores but {same.size} labels")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+    return scores, same
