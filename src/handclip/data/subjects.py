@@ -21,7 +21,7 @@ def subject_id(identity: str) -> str:
 
 def subject_key(sample) -> tuple[str, str]:
     """(dataset, canonical subject id) of a sample (anything with ``identity`` and ``aspect``)."""
-    return DATASET_OF_ASPECT[sample.aspect], subject_id(sample.identity)
+    return DATASET_OF_ASPECT.get(sample.aspect, sample.aspect), subject_id(sample.identity)
 
 
 def subject_keys(samples: Iterable) -> set[tuple[str, str]]:

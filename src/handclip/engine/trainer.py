@@ -495,8 +495,9 @@ def _init_weights(model: torch.nn.Module, path: Path) -> dict:
                         f"this config (first mismatch '{missing[0]}')")
     model.load_state_dict(fitting, strict=False)
     if payload.get("trained_subjects") is None:
-        print(f"handclip: warning: {path}: no record of the subjects it was trained on (a checkpoint of an older "
-              f"handclip); this run's checkpoints record only its own", file=sys.stderr)
+        if distributed.is_main():
+            print(f"handclip: warning: {path}: no record of the subjects it was trained on (a checkpoint of an older "
+                  f"handclip); this run's checkpoints record only its own", file=sys.stderr)
         return {}
     return payload["trained_subjects"]
 

@@ -217,7 +217,7 @@ def implied_architecture(arch: str, pretrained: str, quick_gelu: bool | str = "a
 
 
 def _resolve_quick_gelu(arch: str, setting: bool | str, implied_by_weights: bool) -> bool:
-    built_in = bool(get_model_config(arch).get("quick_gelu"))  # the *-quickgelu archs
+    built_in = bool((get_model_config(arch) or {}).get("quick_gelu"))  # the *-quickgelu archs
     if setting is False and built_in:
         raise UserError(f"model.quick_gelu false: {arch} always uses QuickGELU; "
                         f"use the arch without '-quickgelu' instead")
