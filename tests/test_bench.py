@@ -114,15 +114,17 @@ def test_cache_build_makes_the_caches_train_and_evaluate_read(synth_root, splits
     assert "dorsal_l" in capsys.readouterr().out
     rows = build_cache_for_splits(synth_root, splits_dir, ["dorsal_l"], size=128, quiet=True)
     assert [(r["images"], r["size"], r["status"]) for r in rows] == [
-        ("train+val", 128, "found"), ("test", 112, "found"), ("test, gallery-all", 112, "found")]
+        ("train+val", 128, "found"), ("train+val, validation", 112, "found"), ("test", 112, "found"),
+        ("test, gallery-all", 112, "found")]
 
     config = load_config(CONFIG, {"data.aspects": ["dorsal_l"], "train.device": "cpu"})
     trainer = Trainer(config, Path("unused"), {"data_root": str(synth_root), "splits": str(splits_dir),
                                                "init_from": None}, quiet=True)
     assert train_cache_size(config, 112) == 128
     train = ImageDataset(trainer.data.samples, None, size=128)
+    validation = ImageDataset(trainer.data.samples, None, size=112)
     test = ImageDataset(same_aspect_protocol(synth_root, splits_dir, "dorsal_l", None, False).images(), None, size=112)
-    assert [str(train.cache.file), str(test.cache.file)] == [r["file"] for r in rows[:2]]
+    assert [str(d.cache.file) for d in (train, validation, test)] == [r["file"] for r in rows[:3]]
     assert rows[0]["count"] == len(trainer.data.train) + len(trainer.data.val)
 
 

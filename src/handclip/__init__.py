@@ -3,7 +3,7 @@
 Three lines for a user::
 
     import handclip
-    model = handclip.load_model("runs/my_run/checkpoints/best.pt")
+    model = handclip.load_model("runs/my_run/checkpoints/best.pt")  # or ("ViT-B-16", pretrained="openai")
     features = model.encode(["query.jpg", "gallery/a.jpg"])  # (2, D), L2-normalised
 
 Likelihood ratios from a calibration folder of ``handclip calibrate``::
@@ -23,11 +23,12 @@ from handclip import forensic  # light: handclip.forensic.verbal_equivalent with
 __all__ = ["__version__", "forensic", "load_calibrator", "load_model"]
 
 
-def load_model(path, device="cpu"):
-    """Load a handclip checkpoint; returns an encoder with ``.encode(images_or_paths)``."""
-    from handclip.engine.checkpoint import load_model as _load_model
+def load_model(path_or_arch, pretrained=None, device="cpu", quick_gelu="auto"):
+    """A fine-tuned checkpoint (a path) or a zero-shot CLIP (an arch name with ``pretrained``: an
+    open_clip tag, a weights file or "none"); returns an encoder with ``.encode(images_or_paths)``."""
+    from handclip.engine.loading import load_model as _load_model
 
-    return _load_model(path, device=device)
+    return _load_model(path_or_arch, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
 
 
 def load_calibrator(path):

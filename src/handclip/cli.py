@@ -49,6 +49,7 @@ def _overrides(args) -> dict:
         "arch": "model.arch",
         "pretrained": "model.pretrained",
         "image_size": "model.image_size",
+        "quick_gelu": "model.quick_gelu",
         "device": "train.device",
         "batch_size": "data.batch_size",
         "seed": "train.seed",
@@ -109,6 +110,8 @@ def _evaluate(args):
         quiet=args.quiet,
         protocol=args.protocol,
         save_scores=args.save_scores,
+        allow_overlap=args.allow_overlap,
+        quick_gelu="auto" if args.quick_gelu is None else args.quick_gelu,
     )
     run_evaluate(options)
 
@@ -245,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--show-query", action="append", metavar="IMAGE", help="also draw this query's ranking")
     p.add_argument("--save-scores", action="store_true", help="write every pair's score to scores_<i>.npz")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even when a model was trained on a test subject (results.json says so)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
 
@@ -324,6 +329,15 @@ def _add_model_flags(p):
     p.add_argument("--arch", help="open_clip model name, or tiny-vit / tiny-rn")
     p.add_argument("--pretrained", help="open_clip tag, local weights file, or none")
     p.add_argument("--image-size", type=int)
+    p.add_argument("--quick-gelu", type=_quick_gelu, metavar="{auto,true,false}",
+                   help="QuickGELU activation (OpenAI's weights); auto decides from the weights' source")
+
+
+def _quick_gelu(text: str):
+    values = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, true or false")
+    return values[text.lower()]
 
 
 def _version() -> str:

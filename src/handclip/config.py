@@ -23,6 +23,10 @@ from handclip.data.aspects import ALL_ASPECTS
 class ModelConfig:
     arch: str = "ViT-B-16"  # any open_clip model name, or tiny-vit / tiny-rn
     pretrained: str = "openai"  # open_clip tag, local weights file, or "none"
+    # QuickGELU (OpenAI's CLIP activation) or plain GELU. auto: on for OpenAI TorchScript archives,
+    # tags such as openai and *-quickgelu archs; a state dict or .safetensors of OpenAI's weights
+    # needs true. Checkpoints store the resolved value.
+    quick_gelu: Union[bool, Literal["auto"]] = "auto"
     image_size: Optional[int] = None  # None: the architecture's native size
     embedding: Literal["proj", "pre_proj"] = "proj"  # CLIP projection output or the features before it
     # What trains: "all", "none" (frozen backbone, only new layers learn), or N = the last N

@@ -16,3 +16,5 @@ TRAIN_ID_THRESHOLD_11K = {"dorsal_r": 1050, "dorsal_l": 1037, "palmar_r": 1051, 
 TRAIN_ID_THRESHOLD_HD = 447
 # Offsets the published code adds to other aspects' ids in gallery_i_all.
 GALLERY_ALL_OFFSETS = (11000000, 21000000, 31000000)
+# Which dataset's id space an aspect's subject ids belong to: 11k and HD ids overlap numerically.
+DATASET_OF_ASPECT = {**{aspect: "11k" for aspect in ASPECTS_11K}, ASPECT_HD: "hd"}

@@ -7,6 +7,7 @@ the lists the other commands read:
 
 - train + val at ``size``: what ``handclip train`` on that aspect reads with a model input of
   ``size × 7/8`` (the trainer stores images at 8/7 of the input: 256 for 224);
+- train + val at that model input size: what its validation reads (the pixels evaluation sees);
 - the test images (every query_i and gallery_i, then the gallery_i_all ones where present) at
   that model input size: what ``handclip evaluate --aspect A`` (``--gallery-all``) reads.
 """
@@ -46,7 +47,8 @@ def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, 
 def image_lists(data_root, splits, aspect: str, size: int) -> list[tuple[str, list[Path], int]]:
     """(name, ordered image paths, stored side) of each cache that train and evaluate read."""
     image_size = round(size * 7 / 8)
-    lists = [("train+val", [s.path for s in load_training_data(data_root, splits, [aspect]).samples], size),
+    training = [s.path for s in load_training_data(data_root, splits, [aspect]).samples]
+    lists = [("train+val", training, size), ("train+val, validation", training, image_size),
              ("test", _paths(same_aspect_protocol(data_root, splits, aspect, None, gallery_all=False)), image_size)]
     try:
         gallery_all = same_aspect_protocol(data_root, splits, aspect, None, gallery_all=True)

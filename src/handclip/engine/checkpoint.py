@@ -20,16 +20,24 @@ FROZEN_TEXT_PREFIX = "backbone.text."
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, config: Config, class_names: list[str],
-                    epoch: int, metrics: dict | None = None, training_state: dict | None = None) -> None:
-    """Write a checkpoint atomically. ``training_state`` (optimiser, scheduler, ...) makes it resumable."""
+                    epoch: int, metrics: dict | None = None, training_state: dict | None = None,
+                    trained_subjects: dict[str, list[str]] | None = None) -> None:
+    """Write a checkpoint atomically. ``training_state`` (optimiser, scheduler, ...) makes it resumable.
+
+    It records the backbone's architecture choices (QuickGELU, input size, preprocessing), so a
+    rebuild without the pretrained weights is the same model, and ``trained_subjects`` (dataset →
+    subject ids of every stage it descends from), which ``evaluate`` checks against its test subjects."""
+    model = _unwrap(model)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": config_to_dict(config),
+        "architecture": model.backbone.architecture(),
+        "trained_subjects": trained_subjects,
         "class_names": list(class_names),
         "epoch": int(epoch),
         "metrics": dict(metrics or {}),
-        "model": {k: v for k, v in _unwrap(model).state_dict().items() if not k.startswith(FROZEN_TEXT_PREFIX)},
+        "model": {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_TEXT_PREFIX)},
     }
     if training_state is not None:
         payload["training_state"] = training_state
@@ -64,14 +72,29 @@ def checkpoint_config(payload: dict) -> Config:
 
 def build_model_from_checkpoint(payload: dict, path: str | Path, keep_text: bool = False):
     """Rebuild the model a checkpoint was saved from and load its weights (the checkpoint holds
-    them all, so the architecture is built without pretrained weights: nothing is downloaded)."""
+    them all, so the architecture is built without pretrained weights: nothing is downloaded),
+    with the architecture choices its pretrained weights had made (QuickGELU, preprocessing)."""
     from handclip.models.reid import build_reid_model
 
     config = checkpoint_config(payload)
-    model_cfg = dataclasses.replace(config.model, pretrained="none")
-    model = build_reid_model(model_cfg, num_classes=len(payload["class_names"]), keep_text=keep_text)
+    architecture = checkpoint_architecture(payload)
+    model_cfg = dataclasses.replace(config.model, pretrained="none", quick_gelu=architecture["quick_gelu"],
+                                    image_size=architecture.get("image_size", config.model.image_size))
+    model = build_reid_model(model_cfg, num_classes=len(payload["class_names"]), keep_text=keep_text,
+                             preprocess=architecture["preprocess"])
     load_weights(model, payload["model"], path)
     return model, config
+
+
+def checkpoint_architecture(payload: dict) -> dict:
+    """The checkpoint's architecture record; for one of an older handclip, what its config's
+    ``model.pretrained`` implied (a tag's QuickGELU and statistics; an archive still on disk)."""
+    if payload.get("architecture"):
+        return payload["architecture"]
+    from handclip.models.backbones import implied_architecture
+
+    model = payload["config"]["model"]
+    return implied_architecture(model["arch"], model["pretrained"], model.get("quick_gelu", "auto"))
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, strict: bool = True) -> None:
@@ -90,12 +113,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, str
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """``handclip.load_model``: a ready :class:`~handclip.engine.encoder.Encoder` from a checkpoint."""
+    """A ready :class:`~handclip.engine.encoder.Encoder` from a checkpoint; its ``trained_subjects``
+    is the checkpoint's record (None for a checkpoint of an older handclip, which has none)."""
     from handclip.engine.encoder import Encoder
 
     payload = load_checkpoint(path)
     model, _ = build_model_from_checkpoint(payload, path)
-    return Encoder(model, device=device)
+    return Encoder(model, device=device, trained_subjects=payload.get("trained_subjects"))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -32,12 +32,17 @@ def autocast(device: torch.device, amp: str = "auto"):
 
 
 class Encoder:
-    """A model plus its evaluation preprocessing; ``encode`` embeds paths, PIL images or uint8 batches."""
+    """A model plus its evaluation preprocessing; ``encode`` embeds paths, PIL images or uint8 batches.
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", amp: str = "auto"):
+    ``trained_subjects``: dataset → subject ids the model was trained on ({} for a zero-shot
+    model, None when unknown), for evaluation's overlap check."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", amp: str = "auto",
+                 trained_subjects: dict[str, list[str]] | None = None):
         self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.amp = amp
+        self.trained_subjects = trained_subjects
         self.image_size = model.image_size
         self.transform = EvalTransform(model.image_size, model.mean, model.std)
 

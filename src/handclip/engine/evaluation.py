@@ -17,9 +17,10 @@ from handclip.config import ModelConfig
 from handclip.data.aspects import ASPECT_HD, ASPECTS_11K
 from handclip.data.datasets import ImageDataset
 from handclip.data.manifests import Sample, count_splits, load_split
-from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+from handclip.engine.checkpoint import load_model
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
+from handclip.engine.overlap import check_subject_overlap
 from handclip.engine.training_data import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
@@ -60,6 +61,8 @@ class EvaluateOptions:
     quiet: bool = False
     protocol: str = "single-aspect"  # a key of handclip.published.PROTOCOLS
     save_scores: bool = False  # scores_<i>.npz: every query x gallery pair's score and label
+    allow_overlap: bool = False  # evaluate a model on subjects it was trained on (results say so)
+    quick_gelu: bool | str = "auto"  # zero-shot: model.quick_gelu
 
 
 @dataclass
@@ -89,12 +92,16 @@ def run_evaluate(options: EvaluateOptions) -> dict:
     """``handclip evaluate``: writes results.json/.csv, pictures and report.html in ``options.out``."""
     encoders = build_encoders(options)
     protocols = build_protocols(options)
+    sources = [str(p) for p in options.checkpoints] or ["zero-shot"]
+    overlaps = check_subject_overlap(encoders, sources, protocols, options.allow_overlap)
     out = Path(options.out)
     results = []
     for protocol in protocols:
         target = out / protocol.name if len(protocols) > 1 else out
         scores_dir = target if options.save_scores else None
         result, ranking = evaluate_protocol(protocol, encoders, options, scores_dir=scores_dir)
+        if protocol.name in overlaps:
+            result["subject_overlap"] = overlaps[protocol.name]
         write_results(target, result)
         write_pictures(target, protocol, ranking, result, options)
         results.append(result)
@@ -113,21 +120,18 @@ def build_encoders(options: EvaluateOptions) -> list[Encoder]:
     if options.zero_shot == bool(options.checkpoints):
         raise UserError("evaluate needs either --checkpoint CKPT (repeatable) or --zero-shot --arch NAME")
     if options.zero_shot:
-        return [Encoder(zero_shot_model(options.arch or "ViT-B-16", options.pretrained or "openai",
-                                        options.image_size), device=options.device)]
-    encoders = []
-    for path in options.checkpoints:
-        model, _ = build_model_from_checkpoint(load_checkpoint(path), path)
-        encoders.append(Encoder(model, device=options.device))
-    return encoders
+        model = zero_shot_model(options.arch or "ViT-B-16", options.pretrained or "openai", options.image_size,
+                                options.quick_gelu)
+        return [Encoder(model, device=options.device, trained_subjects={})]
+    return [load_model(path, device=options.device) for path in options.checkpoints]
 
 
-def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None):
+def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None, quick_gelu: bool | str = "auto"):
     """A raw CLIP image encoder: its projected image embedding is the re-ID feature."""
     from handclip.models.reid import build_reid_model
 
-    config = ModelConfig(arch=arch, pretrained=pretrained, image_size=image_size, embedding="proj",
-                         neck="none", head="global")
+    config = ModelConfig(arch=arch, pretrained=pretrained, quick_gelu=quick_gelu, image_size=image_size,
+                         embedding="proj", neck="none", head="global")
     with torch.random.fork_rng():  # random-init weights (pretrained none) are the same every run
         torch.manual_seed(0)
         return build_reid_model(config, num_classes=0)

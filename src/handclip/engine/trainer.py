@@ -20,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,9 +30,11 @@ import handclip
 from handclip.config import Config, config_from_dict, dump_config, load_config, read_yaml, stage_config
 from handclip.data.datasets import BatchLoader, ImageDataset
 from handclip.data.samplers import PKSampler, RandomBatchSampler
+from handclip.data.subjects import merge_records, subject_record
 from handclip.data.transforms import TrainTransform
 from handclip.engine import distributed
-from handclip.engine.checkpoint import FROZEN_TEXT_PREFIX, load_checkpoint, load_weights, save_checkpoint
+from handclip.engine.checkpoint import (FROZEN_TEXT_PREFIX, checkpoint_architecture, load_checkpoint, load_weights,
+                                       save_checkpoint)
 from handclip.engine.encoder import Encoder, autocast, resolve_device
 from handclip.engine.features import extract_features
 from handclip.engine.schedule import build_optimizer, build_scheduler
@@ -128,11 +130,15 @@ def _run_stages(config: Config, invocation: dict, out: Path, quiet: bool) -> Pat
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_json(out / RUN_FILE, invocation)
     init_from = invocation.get("init_from")
+    stages = [stage_config(config, index) for index in range(len(config.stages))]
+    # No stage trains on a subject that any stage tests: stage 1's dorsal_r (ids <= 1050) would
+    # otherwise train on dorsal_l's test subjects 1038-1050.
+    run_aspects = list(dict.fromkeys(aspect for stage in stages for aspect in stage.data.aspects))
     summary = []
-    for index in range(len(config.stages)):
+    for index, stage in enumerate(stages):
         stage_dir = out / f"stage_{index + 1}"
         stage_invocation = dict(invocation, init_from=init_from)
-        trainer = Trainer(stage_config(config, index), stage_dir, stage_invocation, quiet=quiet)
+        trainer = Trainer(stage, stage_dir, stage_invocation, quiet=quiet, held_out_aspects=run_aspects)
         trainer.fit()
         init_from = str(RunPaths(stage_dir).best)
         summary.append({"stage": index + 1, "aspects": trainer.config.data.aspects, "run": stage_dir.name,
@@ -149,6 +155,7 @@ class Trainer:
     invocation: dict
     quiet: bool = False
     best_metrics: dict = field(default_factory=dict)
+    held_out_aspects: list[str] = field(default_factory=list)  # test subjects of these never train
 
     def __post_init__(self):
         self.paths = RunPaths(Path(self.out))
@@ -158,7 +165,8 @@ class Trainer:
         self.main = distributed.is_main()
         self.quiet = self.quiet or not self.main  # one progress display: rank 0's
         self.data: TrainingData = load_training_data(self.invocation["data_root"], self.invocation["splits"],
-                                                     self.config.data.aspects, self.config.data.identity)
+                                                     self.config.data.aspects, self.config.data.identity,
+                                                     self.held_out_aspects)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build(self):
@@ -171,8 +179,12 @@ class Trainer:
         self.uses_prompts = cfg.prompt.stage1_epochs > 0 or cfg.loss.i2t > 0
         self.model = build_reid_model(cfg.model, num_classes=len(self.data.class_names),
                                       keep_text=self.uses_prompts).to(self.device)
+        # The config saved with the run says what "auto" became, so a rebuild needs no weights.
+        self.config = cfg = replace(cfg, model=replace(cfg.model, quick_gelu=self.model.backbone.quick_gelu))
+        self.trained_subjects = subject_record(self.data.samples)
         if self.invocation.get("init_from"):
-            _init_weights(self.model, Path(self.invocation["init_from"]))
+            earlier = _init_weights(self.model, Path(self.invocation["init_from"]))
+            self.trained_subjects = merge_records(self.trained_subjects, earlier)
         self.loss_fn = ReIDLoss(cfg.loss, len(self.data.class_names), self.model.feature_dims).to(self.device)
         groups = self.model.param_groups(cfg.optim)
         loss_params = [p for p in self.loss_fn.non_center_parameters() if p.requires_grad]
@@ -203,6 +215,7 @@ class Trainer:
         cfg = self.config
         self.dataset = ImageDataset(self.data.samples, None, size=train_cache_size(cfg, self.model.image_size),
                                     cache=cfg.data.cache, progress=not self.quiet)
+        self.eval_dataset = None  # built at the first validation when it differs from self.dataset
         self.labels = torch.tensor(self.data.labels)
         self.sampler = self._make_sampler()
         self.loader = BatchLoader(self.dataset, self.sampler, cfg.data.num_workers,
@@ -240,8 +253,7 @@ class Trainer:
         if self.main:
             if not self.paths.best.exists() and self.paths.last.exists():
                 # no validation ever ran (e.g. no val images): the last weights are the best we have
-                save_checkpoint(self.paths.best, model=self.model, config=self.config,
-                                class_names=self.data.class_names, epoch=epochs - 1)
+                self._save_checkpoint(self.paths.best, epoch=epochs - 1)
             self._plot()
         distributed.barrier()  # a next stage starts from best.pt
         return self.best_metrics
@@ -342,15 +354,26 @@ class Trainer:
         if not self.data.val:
             return {}
         self.model.eval()  # BatchNorm with its learned statistics; the next epoch sets train() again
-        query = extract_features(self.encoder, self.dataset, list(self.data.val_indices),
+        dataset = self._eval_dataset()
+        query = extract_features(self.encoder, dataset, list(self.data.val_indices),
                                  self.config.train.eval_batch_size)
-        gallery = extract_features(self.encoder, self.dataset, list(self.data.train_indices),
+        gallery = extract_features(self.encoder, dataset, list(self.data.train_indices),
                                    self.config.train.eval_batch_size)
         mode = self.data.identity_mode
         result = evaluate_ranking(pairwise_distance(query, gallery),
                                   [identity_key(s, mode) for s in self.data.val],
                                   [identity_key(s, mode) for s in self.data.train])
         return {"val_rank1": result["rank1"], "val_mAP": result["mAP"]}
+
+    def _eval_dataset(self) -> ImageDataset:
+        """Train and val images stored at the model's input size, the pixels ``evaluate`` and
+        ``Encoder.encode`` see (the training cache is larger, for the random crops)."""
+        if self.dataset.size == self.model.image_size:
+            return self.dataset
+        if self.eval_dataset is None:
+            self.eval_dataset = ImageDataset(self.data.samples, None, size=self.model.image_size,
+                                             cache=self.config.data.cache, progress=not self.quiet)
+        return self.eval_dataset
 
     # ---- files --------------------------------------------------------------------------------
     def _end_epoch(self, epoch: int, row: dict) -> None:
@@ -362,10 +385,12 @@ class Trainer:
             self.best_metrics = {"epoch": epoch + 1, "val_rank1": row["val_rank1"], "val_mAP": row["val_mAP"]}
         self._append_history(row)
         if improved:
-            save_checkpoint(self.paths.best, model=self.model, config=self.config,
-                            class_names=self.data.class_names, epoch=epoch, metrics=row)
-        save_checkpoint(self.paths.last, model=self.model, config=self.config, class_names=self.data.class_names,
-                        epoch=epoch, metrics=row, training_state=self._training_state(epoch))
+            self._save_checkpoint(self.paths.best, epoch=epoch, metrics=row)
+        self._save_checkpoint(self.paths.last, epoch=epoch, metrics=row, training_state=self._training_state(epoch))
+
+    def _save_checkpoint(self, path: Path, **fields) -> None:
+        save_checkpoint(path, model=self.model, config=self.config, class_names=self.data.class_names,
+                        trained_subjects=self.trained_subjects, **fields)
 
     def _training_state(self, epoch: int) -> dict:
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
@@ -451,10 +476,16 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _init_weights(model: torch.nn.Module, path: Path) -> None:
+def _init_weights(model: torch.nn.Module, path: Path) -> dict:
     """--init-from: take every weight whose name and shape fit (the backbone must fit whole);
-    new heads (another class map, another head) start fresh."""
+    new heads (another class map, another head) start fresh. Returns the subjects the checkpoint
+    was trained on ({} with a warning for a checkpoint of an older handclip, which has no record)."""
     payload = load_checkpoint(path)
+    earlier = checkpoint_architecture(payload)["quick_gelu"]
+    if earlier != model.backbone.quick_gelu:
+        raise UserError(f"{path}: its backbone was trained with model.quick_gelu {str(earlier).lower()}, this "
+                        f"config builds {str(model.backbone.quick_gelu).lower()}; set model.quick_gelu="
+                        f"{str(earlier).lower()}")
     own = model.state_dict()
     fitting = {k: v for k, v in payload["model"].items() if k in own and own[k].shape == v.shape}
     backbone_keys = [k for k in own if k.startswith("backbone.") and not k.startswith(FROZEN_TEXT_PREFIX)]
@@ -463,6 +494,12 @@ def _init_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: its backbone does not fit model.arch '{payload['config']['model']['arch']}' → "
                         f"this config (first mismatch '{missing[0]}')")
     model.load_state_dict(fitting, strict=False)
+    if payload.get("trained_subjects") is None:
+        if distributed.is_main():
+            print(f"handclip: warning: {path}: no record of the subjects it was trained on (a checkpoint of an older "
+                  f"handclip); this run's checkpoints record only its own", file=sys.stderr)
+        return {}
+    return payload["trained_subjects"]
 
 
 def environment(device: torch.device) -> dict:

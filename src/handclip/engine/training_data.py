@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from handclip.data.manifests import Sample, load_split
+from handclip.data.subjects import subject_key, subject_keys
 from handclip.errors import UserError
 
 
@@ -40,18 +42,20 @@ class TrainingData:
 
 
 def load_training_data(data_root: str | Path, splits: str | Path, aspects: list[str],
-                       identity_mode: str = "subject") -> TrainingData:
-    """Train and val samples of ``aspects``. With several aspects, a subject who is a test identity
-    in any of them is left out of training altogether: the 11k thresholds differ per aspect
-    (1050/1037/1051/1042), and training on one hand of a person tested on another would leak."""
+                       identity_mode: str = "subject", held_out_aspects: Sequence[str] = ()) -> TrainingData:
+    """Train and val samples of ``aspects``. A subject who is a test identity in any of ``aspects``
+    or ``held_out_aspects`` (the other stages of a sequential run) is left out of training
+    altogether: the 11k thresholds differ per aspect (1050/1037/1051/1042), and training on one hand
+    of a person tested on another would leak. Subjects are told apart per dataset (11k, HD)."""
     train, val = [], []
     for aspect in aspects:
         train += load_split(data_root, splits, aspect, "train")
         val += load_split(data_root, splits, aspect, "val")
-    if len(aspects) > 1:
-        tested = {s.identity for aspect in aspects for s in load_split(data_root, splits, aspect, "test")}
-        train = [s for s in train if s.identity not in tested]
-        val = [s for s in val if s.identity not in tested]
+    touched = list(dict.fromkeys([*aspects, *held_out_aspects]))
+    if len(touched) > 1:
+        tested = subject_keys(s for aspect in touched for s in load_split(data_root, splits, aspect, "test"))
+        train = [s for s in train if subject_key(s) not in tested]
+        val = [s for s in val if subject_key(s) not in tested]
     if not train:
         raise UserError(f"{splits}: the train split of {','.join(aspects)} is empty")
     class_names = sorted({identity_key(s, identity_mode) for s in train})

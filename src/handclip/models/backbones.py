@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import socket
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
+from open_clip.factory import get_model_config
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
@@ -60,10 +62,11 @@ class Backbone(nn.Module):
     preprocessing the weights expect.
     """
 
-    def __init__(self, clip: nn.Module, arch: str, keep_text: bool):
+    def __init__(self, clip: nn.Module, arch: str, keep_text: bool, quick_gelu: bool):
         super().__init__()
         visual = clip.visual
         self.arch = arch
+        self.quick_gelu = quick_gelu
         self.kind = _tower_kind(visual, arch)
         self.visual = visual
         preprocess = visual.preprocess_cfg
@@ -84,6 +87,12 @@ class Backbone(nn.Module):
         if self.text is not None:
             self.text.requires_grad_(False)
         self.bn_policy = "train"  # set by models.freezing.apply_freezing
+
+    def architecture(self) -> dict:
+        """Every choice that shapes the features besides the weights and the config's arch: what
+        ``create_backbone(arch, "none", **architecture)`` needs to rebuild this backbone exactly."""
+        return {"quick_gelu": self.quick_gelu, "image_size": self.image_size,
+                "preprocess": {"mean": list(self.mean), "std": list(self.std)}}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.kind == "vit":
@@ -157,23 +166,79 @@ class Backbone(nn.Module):
 
 
 def create_backbone(arch: str, pretrained: str = "none", image_size: int | None = None,
-                    keep_text: bool = False) -> Backbone:
-    """Build ``arch`` with weights from ``pretrained`` (an open_clip tag, a weights file, or "none")."""
-    if arch not in open_clip.list_models():
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
-        raise UserError(f"model.arch '{arch}' is not an open_clip model or tiny-vit/tiny-rn; {hint}")
+                    keep_text: bool = False, quick_gelu: bool | str = "auto",
+                    preprocess: dict | None = None) -> Backbone:
+    """Build ``arch`` with weights from ``pretrained`` (an open_clip tag, a weights file, or "none").
+
+    ``quick_gelu``: True, False, or "auto": on for OpenAI TorchScript archives, for tags whose
+    open_clip config says so (``openai``) and for ``*-quickgelu`` archs. ``preprocess``: the mean
+    and std to use instead of the tag's (a checkpoint rebuilt without its weights).
+    """
+    check_arch(arch)
     weights_path, tag_cfg = _resolve_weights(arch, pretrained)
     state_dict, openai_archive = _read_weights(weights_path) if weights_path else ({}, False)
+    use_quick_gelu = _resolve_quick_gelu(arch, quick_gelu, openai_archive or bool(tag_cfg.get("quick_gelu")))
+    if quick_gelu == "auto" and not use_quick_gelu and weights_path and not tag_cfg:
+        _tell_quick_gelu_unknown(weights_path, arch)
     with _quiet_logging():
         clip = open_clip.create_model(
             arch, pretrained=None, force_image_size=image_size, force_custom_text=True,
             # OpenAI's weights were trained with QuickGELU; open_clip 3 no longer switches by itself.
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu")) or openai_archive,
-            force_preprocess_cfg={k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg})
+            force_quick_gelu=use_quick_gelu,
+            force_preprocess_cfg=preprocess or {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg})
     if weights_path:
         _load_towers(clip, state_dict, weights_path, arch, keep_text)
-    return Backbone(clip, arch, keep_text)
+    return Backbone(clip, arch, keep_text, use_quick_gelu)
+
+
+def is_known_arch(arch: str) -> bool:
+    """Whether ``arch`` is an open_clip model name or tiny-vit / tiny-rn."""
+    return arch in open_clip.list_models()
+
+
+def check_arch(arch: str) -> None:
+    """A ``UserError`` with suggestions unless ``arch`` is an open_clip model (or tiny-vit/tiny-rn)."""
+    if not is_known_arch(arch):
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+        raise UserError(f"model.arch '{arch}' is not an open_clip model or tiny-vit/tiny-rn; {hint}")
+
+
+def implied_architecture(arch: str, pretrained: str, quick_gelu: bool | str = "auto") -> dict:
+    """For checkpoints of older handclip, which recorded no architecture: the QuickGELU and
+    preprocessing that ``pretrained`` implied, found without loading (or downloading) weights.
+    A weights file that is no longer there implies nothing (plain GELU, the arch's statistics)."""
+    path = Path(pretrained).expanduser()
+    on_disk = pretrained not in ("none", "") and path.is_file()
+    tag_cfg = {} if on_disk or pretrained in ("none", "") else get_pretrained_cfg(arch, pretrained)
+    implied = (on_disk and _is_torchscript_archive(path)) or bool(tag_cfg.get("quick_gelu"))
+    return {"quick_gelu": _resolve_quick_gelu(arch, quick_gelu, implied),
+            "preprocess": {k: list(tag_cfg[k]) for k in ("mean", "std") if k in tag_cfg} or None}
+
+
+def _resolve_quick_gelu(arch: str, setting: bool | str, implied_by_weights: bool) -> bool:
+    built_in = bool((get_model_config(arch) or {}).get("quick_gelu"))  # the *-quickgelu archs
+    if setting is False and built_in:
+        raise UserError(f"model.quick_gelu false: {arch} always uses QuickGELU; "
+                        f"use the arch without '-quickgelu' instead")
+    if setting == "auto":
+        return built_in or implied_by_weights
+    return bool(setting)
+
+
+_TOLD_QUICK_GELU: set[Path] = set()
+
+
+def _tell_quick_gelu_unknown(path: Path, arch: str) -> None:
+    """A state dict does not say which activation its model used; say so once per file."""
+    if path in _TOLD_QUICK_GELU:
+        return
+    _TOLD_QUICK_GELU.add(path)
+    variant = f"{arch}-quickgelu"
+    alternative = f" or the arch {variant}" if variant in open_clip.list_models() else ""
+    print(f"handclip: note: {path}: a state dict does not say whether its model used QuickGELU, so {arch} "
+          f"is built with plain GELU; OpenAI's CLIP weights need QuickGELU: set model.quick_gelu=true "
+          f"(--quick-gelu true){alternative}", file=sys.stderr)
 
 
 def _tower_kind(visual: nn.Module, arch: str) -> str:

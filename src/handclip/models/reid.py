@@ -69,9 +69,12 @@ def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
-def build_reid_model(model_cfg: ModelConfig, num_classes: int, keep_text: bool = False) -> ReIDModel:
-    """The model ``model_cfg`` describes, with its freezing applied; ``num_classes`` 0: no classifiers."""
-    backbone = create_backbone(model_cfg.arch, model_cfg.pretrained, model_cfg.image_size, keep_text)
+def build_reid_model(model_cfg: ModelConfig, num_classes: int, keep_text: bool = False,
+                     preprocess: dict | None = None) -> ReIDModel:
+    """The model ``model_cfg`` describes, with its freezing applied; ``num_classes`` 0: no classifiers.
+    ``preprocess``: mean/std overriding the weights' own (a checkpoint's record)."""
+    backbone = create_backbone(model_cfg.arch, model_cfg.pretrained, model_cfg.image_size, keep_text,
+                               model_cfg.quick_gelu, preprocess)
     apply_freezing(backbone, model_cfg.unfreeze, model_cfg.bn_policy)
     head = make_head(model_cfg.head, backbone, model_cfg.embedding, model_cfg.parts, model_cfg.part_direction)
     if model_cfg.neck not in ("none", "bnneck"):
