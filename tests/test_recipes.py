@@ -146,9 +146,11 @@ def test_warmup_starts_at_the_start_factor_and_rises_linearly():
     assert [lr_factor(e, shifted, 10) for e in range(7)] == pytest.approx([0.4375, 0.625, 0.8125, 1, 1, 0.5, 0.5])
 
 
-def test_bad_warmup_start_factor_is_a_user_error():
-    with pytest.raises(UserError, match="optim.warmup_start_factor"):
-        load_config(None, {"optim.warmup_start_factor": 1.5})
+@pytest.mark.parametrize("key, value", [("optim.warmup_start_factor", 1.5), ("model.last_stride", True),
+                                        ("model.last_stride", 3), ("optim.optimizer", "adamx")])
+def test_bad_recipe_values_are_user_errors(key, value):
+    with pytest.raises(UserError, match=key):
+        load_config(None, {key: value})
 
 
 # ---- Adam with coupled L2 ------------------------------------------------------------------------

@@ -24,8 +24,7 @@ class ModelConfig:
     arch: str = "ViT-B-16"  # any open_clip model name, or tiny-vit / tiny-rn
     pretrained: str = "openai"  # open_clip tag, local weights file, or "none"
     image_size: Optional[int] = None  # None: the architecture's native size
-    # CLIP projection output, the features before it, or both as two branches (CLIP-HandID, CLIP-ReID)
-    embedding: Literal["proj", "pre_proj", "both"] = "proj"
+    embedding: Literal["proj", "pre_proj", "both"] = "proj"  # CLIP projection output, the features before it, or both
     # What trains: "all", "none" (frozen backbone, only new layers learn), or N = the last N
     # transformer blocks (ViT) / residual stages (RN) plus everything after them.
     unfreeze: Union[int, Literal["all", "none"]] = "all"
@@ -334,6 +333,8 @@ def _check_values(config: Config) -> None:
                         "(data.sampler: pk)")
     if config.data.aspect_balanced and config.data.sampler != "pk":
         raise UserError("config key 'data.aspect_balanced': needs data.sampler: pk")
+    if isinstance(config.model.last_stride, bool):
+        raise UserError("config key 'model.last_stride': expected 1, 2 or null")
     if not 0.0 <= config.optim.warmup_start_factor <= 1.0:
         raise UserError("config key 'optim.warmup_start_factor': must lie in [0, 1]")
     if config.optim.schedule_offset < 0:
