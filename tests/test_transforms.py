@@ -5,6 +5,7 @@ import torchvision.transforms.v2.functional as TF
 
 from handclip.config import AugmentConfig
 from handclip.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, color_jitter
+from handclip.errors import UserError
 
 S = 16
 OFF = AugmentConfig(hflip=0.0, padding=0, color_jitter=0.0, random_erasing=0.0)
@@ -166,3 +167,39 @@ def test_cuda_batches_with_a_cuda_generator_match_the_cpu_geometry():
     # uint8 resizing rounds differently on the GPU: at most one grey level apart
     on_gpu, on_cpu = EvalTransform(S)(images.cuda()).cpu(), EvalTransform(S)(images)
     assert torch.allclose(on_gpu, on_cpu, atol=1.5 / 255 / min(CLIP_STD))
+
+
+def test_resize_then_random_crop_reads_windows_of_the_resized_image():
+    resized_side, images = 20, batch(n=24, size=28, low=1)
+    augment = AugmentConfig(hflip=0.0, padding=0, color_jitter=0.0, random_erasing=0.0, resize=resized_side)
+    out = TrainTransform(S, augment, **IDENTITY)(images, generator=seeded(6))
+    assert out.shape == (24, 3, S, S)
+    resized = unit(TF.resize(images, [resized_side, resized_side], antialias=True))  # no padding: no zeros
+    span = resized_side - S
+    offsets = []
+    for sample, image in zip(out, resized):
+        matches = [(y, x) for y in range(span + 1) for x in range(span + 1)
+                   if torch.equal(sample, image[:, y:y + S, x:x + S])]
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    assert len(set(offsets)) > 4 and {0, span} & {y for y, _ in offsets}  # per sample, up to the border
+
+
+def test_resize_smaller_than_the_input_is_a_user_error():
+    with pytest.raises(UserError, match="data.augment.resize"):
+        TrainTransform(S, AugmentConfig(resize=S - 1))
+
+
+def test_noise_erasing_fills_the_rectangle_with_standard_normal_values():
+    images = batch(n=16, size=32, low=1)
+    augment = AugmentConfig(hflip=0.0, padding=0, color_jitter=0.0, random_erasing=1.0, erasing_fill="noise")
+    transform = TrainTransform(32, augment, **IDENTITY)
+    out = transform(images, generator=seeded(8))
+    zero_fill = TrainTransform(32, AugmentConfig(hflip=0.0, padding=0, color_jitter=0.0, random_erasing=1.0),
+                               **IDENTITY)(images, generator=seeded(8))
+    erased = zero_fill == 0  # the same draws place the same rectangles
+    assert erased.any(dim=(1, 2, 3)).all()
+    assert torch.equal(out[~erased], unit(images)[~erased])
+    noise = out[erased]
+    assert (noise < 0).any() and abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+    assert torch.equal(out, transform(images, generator=seeded(8)))

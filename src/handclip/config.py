@@ -28,7 +28,7 @@ class ModelConfig:
     # needs true. Checkpoints store the resolved value.
     quick_gelu: Union[bool, Literal["auto"]] = "auto"
     image_size: Optional[int] = None  # None: the architecture's native size
-    embedding: Literal["proj", "pre_proj"] = "proj"  # CLIP projection output or the features before it
+    embedding: Literal["proj", "pre_proj", "both"] = "proj"  # CLIP projection output, the features before it, or both
     # What trains: "all", "none" (frozen backbone, only new layers learn), or N = the last N
     # transformer blocks (ViT) / residual stages (RN) plus everything after them.
     unfreeze: Union[int, Literal["all", "none"]] = "all"
@@ -43,6 +43,14 @@ class ModelConfig:
     head: Literal["global", "pcb", "attention"] = "global"
     parts: int = 4  # PCB stripes
     part_direction: Literal["horizontal", "vertical", "both"] = "horizontal"
+    # RN only: stride of the last residual stage; 1 doubles the feature map (CLIP-HandID, CLIP-ReID).
+    # null: the architecture's own (2).
+    last_stride: Optional[Literal[1, 2]] = None
+    # Also give the metric losses the class token after the penultimate transformer block (RN: the
+    # pooled map of the penultimate stage), with no neck or classifier (CLIP-ReID's img_feature_last).
+    penultimate_metric: bool = False
+    # Input normalisation: auto = the weights' own (CLIP's for OpenAI); imagenet; half = 0.5 / 0.5.
+    pixel_stats: Literal["auto", "clip", "imagenet", "half"] = "auto"
 
 
 @dataclass
@@ -61,6 +69,9 @@ class LossConfig:
     arcface_scale: float = 30.0
     arcface_margin: float = 28.6  # degrees, as pytorch-metric-learning takes it
     i2t: float = 0.0  # CLIP-ReID stage 2: image-to-text cross-entropy against learned identity texts
+    # How per-branch terms combine: mean (a weight means the same for any head) or sum (BoT,
+    # CLIP-HandID and CLIP-ReID add their branches' losses).
+    branch_reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass
@@ -69,7 +80,11 @@ class AugmentConfig:
     padding: int = 10
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter
     random_erasing: float = 0.5
-    # Normalisation is not a knob: it follows the backbone's own preprocessing (CLIP's statistics).
+    # Normalisation follows the model (model.pixel_stats), so evaluation uses the same.
+    # Side the stored image is resized to before the random crop to the model's input; null: the
+    # input size itself, padded by `padding` and cropped back. CLIP-HandID: 256 (then crop 224).
+    resize: Optional[int] = None
+    erasing_fill: Literal["zero", "noise"] = "zero"  # noise: N(0, 1) per pixel (timm mode 'pixel', CLIP-ReID)
 
 
 @dataclass
@@ -88,7 +103,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"  # adam: L2 weight decay added to the gradient
     lr: float = 5e-6  # backbone learning rate
     head_lr_mult: float = 10.0  # new layers (neck, classifiers, heads) learn this much faster
     weight_decay: float = 1e-4
@@ -98,6 +113,12 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=lambda: [40, 60])
     gamma: float = 0.1
     clip_grad: float = 0.0  # max gradient norm; 0 = off
+    warmup_start_factor: float = 0.1  # warm-up starts at lr x this and rises linearly to lr
+    # Added to the epoch index before the schedule is read: 1 when a reference steps its scheduler
+    # before the first epoch (CLIP-ReID), so epoch k (from 1) trains at the schedule's value for k.
+    schedule_offset: int = 0
+    bias_lr_mult: float = 1.0  # lr of every bias parameter x this (CLIP-ReID: 2)
+    bias_weight_decay: Optional[float] = None  # null: optim.weight_decay
 
 
 @dataclass
@@ -109,6 +130,14 @@ class PromptConfig:
     template: str = "A photo of a {} hand."
     lr: float = 3.5e-4
     batch_size: int = 64
+    # CLIP-ReID's stage-1 schedule: linear warm-up from warmup_lr, then cosine down to min_lr.
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-6
+    # cosine: L2-normalised features x 100 (CLIP's logit scale); dot: raw features, temperature 1
+    # (CLIP-ReID's code), in both stages.
+    similarity: Literal["cosine", "dot"] = "cosine"
 
 
 @dataclass
@@ -120,6 +149,9 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 1
     eval_batch_size: int = 128
+    # Which epoch best.pt keeps: highest val mAP, highest val classification accuracy (CLIP-HandID),
+    # or the last epoch (CLIP-ReID evaluates only its final model).
+    best_metric: Literal["val_mAP", "val_acc", "last"] = "val_mAP"
 
 
 @dataclass
@@ -305,6 +337,12 @@ def _check_values(config: Config) -> None:
                         "(data.sampler: pk)")
     if config.data.aspect_balanced and config.data.sampler != "pk":
         raise UserError("config key 'data.aspect_balanced': needs data.sampler: pk")
+    if isinstance(config.model.last_stride, bool):
+        raise UserError("config key 'model.last_stride': expected 1, 2 or null")
+    if not 0.0 <= config.optim.warmup_start_factor <= 1.0:
+        raise UserError("config key 'optim.warmup_start_factor': must lie in [0, 1]")
+    if config.optim.schedule_offset < 0:
+        raise UserError("config key 'optim.schedule_offset': must be >= 0")
     for section, value in (("loss", config.loss), ):
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)

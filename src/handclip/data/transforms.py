@@ -16,10 +16,12 @@ from open_clip.constants import OPENAI_DATASET_MEAN as CLIP_MEAN
 from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD
 
 from handclip.config import AugmentConfig
+from handclip.errors import UserError
 
 # torchvision RandomErasing defaults: erased area fraction, and aspect ratio drawn log-uniformly.
 ERASE_SCALE = (0.02, 0.33)
 ERASE_LOG_RATIO = (math.log(0.3), math.log(3.3))
+ERASING_FILLS = ("zero", "noise")
 
 
 class EvalTransform:
@@ -37,13 +39,19 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Resize, pad + random crop, horizontal flip, colour jitter, normalise, random erasing.
+    """Resize (to ``augment.resize``, else ``image_size``), pad + random crop to ``image_size``,
+    horizontal flip, colour jitter, normalise, random erasing.
 
     ``mean``/``std``: the model's own preprocessing statistics (CLIP's by default).
     """
 
     def __init__(self, image_size: int, augment: AugmentConfig, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD):
+        if augment.resize is not None and augment.resize < image_size:
+            raise UserError(f"config key 'data.augment.resize': {augment.resize} is smaller than the model's "
+                            f"input, {image_size} px")
+        if augment.erasing_fill not in ERASING_FILLS:
+            raise UserError(f"config key 'data.augment.erasing_fill': {augment.erasing_fill!r} is not zero or noise")
         self.image_size = image_size
         self.augment = augment
         self.mean = list(mean)
@@ -51,14 +59,16 @@ class TrainTransform:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         draw = RandomDraws(len(images), images.device, generator)
+        augment = self.augment
         # geometry on uint8: a quarter of the memory traffic of float32
-        x = pad_crop_flip(resize(images, self.image_size), self.augment.padding, self.augment.hflip, draw)
+        x = resize(images, augment.resize or self.image_size)
+        x = pad_crop_flip(x, self.image_size, augment.padding, augment.hflip, draw)
         x = to_float(x)
-        if self.augment.color_jitter > 0:
-            x = color_jitter(x, self.augment.color_jitter, draw)
+        if augment.color_jitter > 0:
+            x = color_jitter(x, augment.color_jitter, draw)
         x = TF.normalize(x, self.mean, self.std, inplace=True)  # x is already a fresh tensor
-        if self.augment.random_erasing > 0:
-            x = random_erase(x, self.augment.random_erasing, draw)
+        if augment.random_erasing > 0:
+            x = random_erase(x, augment.random_erasing, draw, noise=augment.erasing_fill == "noise")
         return x
 
 
@@ -84,6 +94,11 @@ class RandomDraws:
         """(B,) booleans, each True with probability ``p``."""
         return self.uniform() < p
 
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        """Standard normal numbers of ``shape``."""
+        source = self.generator.device if self.generator is not None else self.device
+        return torch.randn(tuple(shape), generator=self.generator, device=source).to(self.device)
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → a new float32 tensor in [0, 1]."""
@@ -99,19 +114,20 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return TF.resize(images, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
-def pad_crop_flip(x: torch.Tensor, padding: int, hflip: float, draw: RandomDraws) -> torch.Tensor:
-    """Zero-pad by ``padding``, crop each sample back at its own random offset, mirror some.
+def pad_crop_flip(x: torch.Tensor, size: int, padding: int, hflip: float, draw: RandomDraws) -> torch.Tensor:
+    """Zero-pad by ``padding``, crop a ``size × size`` square from each sample at its own random
+    offset, mirror some.
 
     One gather crops and mirrors: each sample reads its own rows and (possibly reversed) columns.
     """
     batch, _, height, width = x.shape
     if padding > 0:
         x = TF.pad(x, [padding])
-    top = draw.integers(2 * padding)
-    left = draw.integers(2 * padding)
+    top = draw.integers(height + 2 * padding - size)
+    left = draw.integers(width + 2 * padding - size)
     flip = draw.chance(hflip)
-    rows = top[:, None] + torch.arange(height, device=x.device)
-    cols = left[:, None] + torch.arange(width, device=x.device)
+    rows = top[:, None] + torch.arange(size, device=x.device)
+    cols = left[:, None] + torch.arange(size, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     samples = torch.arange(batch, device=x.device)[:, None, None]
     # advanced indexing puts the indexed dims first: (B, H, W, C) → back to (B, C, H, W); the float
@@ -136,10 +152,11 @@ def blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.T
     return torch.lerp(other, x, factor).clamp_(0, 1)
 
 
-def random_erase(x: torch.Tensor, p: float, draw: RandomDraws) -> torch.Tensor:
+def random_erase(x: torch.Tensor, p: float, draw: RandomDraws, noise: bool = False) -> torch.Tensor:
     """Set one random rectangle per chosen sample (probability ``p``) to 0, the mean colour once
-    normalised, in place. Area and aspect ratio follow torchvision RandomErasing; a rectangle that would not
-    fit is clipped to the image instead of redrawn."""
+    normalised (in place), or with ``noise`` to standard normal values drawn per pixel and channel
+    (timm's mode 'pixel'). Area and aspect ratio follow torchvision RandomErasing; a rectangle
+    that would not fit is clipped to the image instead of redrawn."""
     height, width = x.shape[-2:]
     erase = draw.chance(p)
     area = draw.uniform(*ERASE_SCALE) * height * width
@@ -153,4 +170,6 @@ def random_erase(x: torch.Tensor, p: float, draw: RandomDraws) -> torch.Tensor:
     in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
     mask = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
+    if noise:
+        return torch.where(mask[:, None], draw.normal(x.shape), x)
     return x.masked_fill_(mask[:, None], 0.0)

@@ -3,34 +3,34 @@
 Stage 1 (here): every identity gets ``n_ctx`` learned token embeddings that fill the X slots of
 the template ("A photo of a X X X X hand."). Both encoders stay frozen: the image features of
 all train images are computed once, and only the identity tokens learn, with the image-to-text
-and text-to-image contrastive losses of CLIP-ReID (its SupConLoss: every text/image of the same
-identity in the batch is a positive). Stage 2 (the trainer) fine-tunes the image encoder with
-ID + triplet losses plus ``loss.i2t``, the cross-entropy of :func:`image_to_text_logits`
+and text-to-image contrastive losses of CLIP-ReID (its SupConLoss, loss/supcontrast.py: each
+anchor against every item of the other modality in the batch, all of the anchor's identity
+positives, its own counterpart among them). Stage 2 (the trainer) fine-tunes the image encoder
+with ID + triplet losses plus ``loss.i2t``, the cross-entropy of :func:`image_to_text_logits`
 against the identity texts learned here.
 
-Scale: CLIP-ReID multiplies raw (unnormalised) features at temperature 1. Here both sides are
-L2-normalised and multiplied by CLIP's logit scale, 100 (OpenAI's models end training at that
-clamp, exp(4.6052)); the logits then do not drift with the feature norms while the image encoder
-fine-tunes, and they are about as large as CLIP-ReID's with OpenAI's weights.
+Similarity (``prompt.similarity``): ``dot`` is CLIP-ReID's code, the raw (unnormalised) features
+multiplied at temperature 1. ``cosine`` L2-normalises both sides and multiplies by CLIP's logit
+scale, 100 (OpenAI's models end training at that clamp, exp(4.6052)): the logits then do not
+drift with the feature norms while the image encoder fine-tunes.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
-from pytorch_metric_learning.losses import SupConLoss
 from torch import nn
 from tqdm import tqdm
 
-from handclip.config import Config
+from handclip.config import Config, PromptConfig
 from handclip.data.transforms import EvalTransform
 from handclip.engine.encoder import autocast
 from handclip.errors import UserError
 
 LOGIT_SCALE = 100.0
 PLACEHOLDER = "X"
-WEIGHT_DECAY = 1e-4  # CLIP-ReID stage 1
-MIN_LR_FRACTION = 0.01  # cosine decay down to 1% of prompt.lr (CLIP-ReID: 3.5e-4 → 1e-6)
 
 
 class PromptLearner(nn.Module):
@@ -96,12 +96,37 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def similarity_logits(a: torch.Tensor, b: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+    """(len(a), len(b)) logits in float32: raw dot products (``dot``) or cosines × :data:`LOGIT_SCALE`."""
+    a, b = a.float(), b.float()
+    if similarity == "cosine":
+        return LOGIT_SCALE * F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    if similarity == "dot":
+        return a @ b.T
+    raise UserError(f"config key 'prompt.similarity': {similarity!r} is not cosine or dot")
+
+
 def contrastive_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, others: torch.Tensor,
-                     other_labels: torch.Tensor) -> torch.Tensor:
-    """CLIP-ReID's SupConLoss: each anchor against the batch of the other modality, every item of
-    the same identity a positive; cosine similarity × :data:`LOGIT_SCALE`."""
-    loss = SupConLoss(temperature=1.0 / LOGIT_SCALE)
-    return loss(anchors.float(), anchor_labels, ref_emb=others.float(), ref_labels=other_labels)
+                     other_labels: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+    """CLIP-ReID's SupConLoss: for each anchor, the log-softmax of its logits against all ``others``,
+    averaged over the others with its label (every one of them a positive, nothing left out);
+    the mean over anchors. Every anchor needs at least one positive among ``others`` (in stage 1
+    its own image or text always is)."""
+    log_prob = similarity_logits(anchors, others, similarity).log_softmax(dim=1)
+    positives = (anchor_labels[:, None] == other_labels[None, :]).float()
+    return -((log_prob * positives).sum(dim=1) / positives.sum(dim=1)).mean()
+
+
+def prompt_lr(epoch: int, prompt: PromptConfig, epochs: int) -> float:
+    """Stage 1's learning rate in epoch ``epoch`` (0-based): CLIP-ReID's timm cosine schedule with
+    linear warm-up, which its loop steps with the 1-based epoch before training it, so epoch
+    index e runs at the schedule's value for t = e + 1."""
+    t = epoch + 1
+    if t < prompt.warmup_epochs:
+        return prompt.warmup_lr + t * (prompt.lr - prompt.warmup_lr) / prompt.warmup_epochs
+    if t >= epochs:
+        return prompt.min_lr
+    return prompt.min_lr + 0.5 * (prompt.lr - prompt.min_lr) * (1 + math.cos(math.pi * t / epochs))
 
 
 @torch.no_grad()
@@ -124,18 +149,19 @@ def train_prompts(backbone, features: torch.Tensor, labels: torch.Tensor, num_cl
                   device: torch.device, quiet: bool = True) -> tuple[torch.Tensor, list[float]]:
     """Stage 1 on precomputed image ``features`` (N, E) with ``labels`` (N,).
 
-    Returns the L2-normalised text features of all classes (num_classes, E), detached, and the
-    mean loss (i2t + t2i) of each epoch."""
+    Returns the text features of all classes (num_classes, E), detached — L2-normalised with
+    ``prompt.similarity`` cosine, raw with dot — and the mean loss (i2t + t2i) of each epoch."""
     prompt = config.prompt
     generator = torch.Generator().manual_seed(config.train.seed)
     learner = PromptLearner(backbone, num_classes, prompt.n_ctx, prompt.template, generator).to(device)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=prompt.lr, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(prompt.stage1_epochs, 1),
-                                                           eta_min=prompt.lr * MIN_LR_FRACTION)
+    # torch's Adam adds the weight decay to the gradient (L2), as CLIP-ReID's optimiser does.
+    optimizer = torch.optim.Adam(learner.parameters(), lr=prompt.lr, weight_decay=prompt.weight_decay)
     features, labels = features.to(device), labels.to(device)
     losses = []
     bar = tqdm(range(prompt.stage1_epochs), desc="stage 1: identity prompts", disable=quiet, unit="epoch")
-    for _ in bar:
+    for epoch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = prompt_lr(epoch, prompt, prompt.stage1_epochs)
         order = torch.randperm(len(labels), generator=generator).to(device)
         total = 0.0
         for batch in order.split(prompt.batch_size):
@@ -144,13 +170,12 @@ def train_prompts(backbone, features: torch.Tensor, labels: torch.Tensor, num_cl
             classes, inverse = batch_labels.unique(return_inverse=True)
             with autocast(device, config.train.amp):
                 texts = learner.text_features(backbone, classes)[inverse]
-            loss = (contrastive_loss(features[batch], batch_labels, texts, batch_labels)
-                    + contrastive_loss(texts, batch_labels, features[batch], batch_labels))
+            loss = (contrastive_loss(features[batch], batch_labels, texts, batch_labels, prompt.similarity)
+                    + contrastive_loss(texts, batch_labels, features[batch], batch_labels, prompt.similarity))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch)
-        scheduler.step()
         losses.append(total / len(labels))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if losses and not quiet:
@@ -158,13 +183,14 @@ def train_prompts(backbone, features: torch.Tensor, labels: torch.Tensor, num_cl
     with torch.no_grad():
         texts = torch.cat([learner.text_features(backbone, classes)
                            for classes in torch.arange(num_classes, device=device).split(prompt.batch_size)])
-    return F.normalize(texts.float(), dim=1), losses
+    texts = texts.float()
+    return (F.normalize(texts, dim=1) if prompt.similarity == "cosine" else texts), losses
 
 
 def learn_identity_texts(model, dataset, labels: torch.Tensor, config: Config, device: torch.device,
                          quiet: bool = False) -> torch.Tensor:
     """The trainer's stage 1: the image features of the train images (dataset items
-    ``range(len(labels))``) once, then :func:`train_prompts`; (num_classes, E) L2-normalised."""
+    ``range(len(labels))``) once, then :func:`train_prompts`; its (num_classes, E) texts."""
     num_classes = model.num_classes
     if len(labels) == 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} classes")
@@ -174,8 +200,9 @@ def learn_identity_texts(model, dataset, labels: torch.Tensor, config: Config, d
     return texts
 
 
-def image_to_text_logits(image_global: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """Stage 2 logits (B, classes): cosine of the CLIP image features with the learned identity
-    texts, × :data:`LOGIT_SCALE`, in float32."""
+def image_to_text_logits(image_global: torch.Tensor, text_features: torch.Tensor,
+                         similarity: str = "cosine") -> torch.Tensor:
+    """Stage 2 logits (B, classes) of the CLIP image features against the learned identity texts
+    (:func:`similarity_logits`), in float32."""
     with torch.autocast(image_global.device.type, enabled=False):
-        return LOGIT_SCALE * F.normalize(image_global.float(), dim=1) @ text_features.float().T
+        return similarity_logits(image_global, text_features, similarity)

@@ -9,20 +9,27 @@ from handclip.config import OptimConfig
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """``adam``: torch's Adam, whose weight decay is L2 added to the gradient (coupled; CLIP-HandID
+    and CLIP-ReID); ``adamw``: decay applied to the weights apart from the gradient (decoupled)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(epoch: int, cfg: OptimConfig, total_epochs: int) -> float:
-    """Multiplier of every group's base lr at ``epoch`` (0-based): linear warm-up, then cosine/step."""
-    if epoch < cfg.warmup_epochs:
-        return 0.1 + 0.9 * epoch / max(cfg.warmup_epochs, 1)
+    """Multiplier of every group's base lr in ``epoch`` (0-based), read at ``epoch +
+    schedule_offset``: linear warm-up from ``warmup_start_factor``, then cosine/step/constant."""
+    t = epoch + cfg.schedule_offset
+    if t < cfg.warmup_epochs:
+        start = cfg.warmup_start_factor
+        return start + (1 - start) * t / cfg.warmup_epochs
     if cfg.schedule == "cosine":
         span = max(total_epochs - cfg.warmup_epochs, 1)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        return 0.5 * (1 + math.cos(math.pi * (t - cfg.warmup_epochs) / span))
     if cfg.schedule == "step":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return cfg.gamma ** sum(t >= m for m in cfg.milestones)
     return 1.0
 
 

@@ -47,6 +47,7 @@ from handclip.models.reid import build_reid_model
 
 RUN_FILE = "run.json"  # where the data came from, so --resume needs only the folder
 RANK_SEED_STRIDE = 1_000_000_007  # separates the processes' augmentation seeds (epochs never reach it)
+VAL_COLUMNS = ("val_rank1", "val_mAP", "val_acc")
 
 
 @dataclass
@@ -347,10 +348,11 @@ class Trainer:
             return None
         from handclip.engine.prompts import image_to_text_logits
 
-        return image_to_text_logits(outputs["global"], self.text_features)
+        return image_to_text_logits(outputs["global"], self.text_features, self.config.prompt.similarity)
 
     def _validate(self) -> dict:
-        """Val images as queries against the train images (same identities) as gallery."""
+        """Val images as queries against the train images (same identities) as gallery, and the
+        first branch's classification accuracy on the val images (CLIP-HandID's val metric)."""
         if not self.data.val:
             return {}
         self.model.eval()  # BatchNorm with its learned statistics; the next epoch sets train() again
@@ -363,7 +365,25 @@ class Trainer:
         result = evaluate_ranking(pairwise_distance(query, gallery),
                                   [identity_key(s, mode) for s in self.data.val],
                                   [identity_key(s, mode) for s in self.data.train])
-        return {"val_rank1": result["rank1"], "val_mAP": result["mAP"]}
+        metrics = {"val_rank1": result["rank1"], "val_mAP": result["mAP"]}
+        if self.model.num_classes:
+            metrics["val_acc"] = self._val_accuracy()
+        return metrics
+
+    @torch.no_grad()
+    def _val_accuracy(self) -> float:
+        """Share of the val images (of train classes) whose first-branch logits rank their class first."""
+        classes = {name: i for i, name in enumerate(self.data.class_names)}
+        labels = [classes.get(identity_key(s, self.data.identity_mode), -1) for s in self.data.val]
+        indices = [i for i, label in zip(self.data.val_indices, labels) if label >= 0]
+        known = torch.tensor([label for label in labels if label >= 0])
+        predicted = []
+        size = self.config.train.eval_batch_size
+        for start in range(0, len(indices), size):
+            images = self.dataset.batch(indices[start:start + size]).to(self.device)
+            with autocast(self.device, self.config.train.amp):
+                predicted.append(self.model(self.encoder.transform(images))["logits"][0].argmax(1).cpu())
+        return float((torch.cat(predicted) == known).float().mean()) if indices else 0.0
 
     def _eval_dataset(self) -> ImageDataset:
         """Train and val images stored at the model's input size, the pixels ``evaluate`` and
@@ -380,9 +400,9 @@ class Trainer:
         """History first, then checkpoints: a kill in between leaves last.pt one epoch behind, so
         resume replays this epoch and cuts the history back to last.pt's epoch first — every
         epoch appears exactly once."""
-        improved = "val_mAP" in row and row["val_mAP"] >= self.best_metrics.get("val_mAP", -1.0)
+        improved = self._improves(epoch, row)
         if improved:
-            self.best_metrics = {"epoch": epoch + 1, "val_rank1": row["val_rank1"], "val_mAP": row["val_mAP"]}
+            self.best_metrics = {"epoch": epoch + 1, **{k: row[k] for k in VAL_COLUMNS if k in row}}
         self._append_history(row)
         if improved:
             self._save_checkpoint(self.paths.best, epoch=epoch, metrics=row)
@@ -391,6 +411,13 @@ class Trainer:
     def _save_checkpoint(self, path: Path, **fields) -> None:
         save_checkpoint(path, model=self.model, config=self.config, class_names=self.data.class_names,
                         trained_subjects=self.trained_subjects, **fields)
+
+    def _improves(self, epoch: int, row: dict) -> bool:
+        """Whether this epoch's weights become best.pt (``train.best_metric``; ties go to the later epoch)."""
+        metric = self.config.train.best_metric
+        if metric == "last":
+            return epoch + 1 == self.config.train.epochs
+        return metric in row and row[metric] >= self.best_metrics.get(metric, -1.0)
 
     def _training_state(self, epoch: int) -> dict:
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(),
@@ -445,12 +472,13 @@ class Trainer:
 
 
 def train_cache_size(config: Config, image_size: int) -> int:
-    """The stored side of training images: ``data.cache_size``, else a little above the model's input."""
-    return config.data.cache_size or round(image_size * 8 / 7)
+    """The stored side of training images: ``data.cache_size``, else ``data.augment.resize`` (the
+    random crop then reads the stored pixels), else a little above the model's input."""
+    return config.data.cache_size or config.data.augment.resize or round(image_size * 8 / 7)
 
 
 def _history_columns(rows: list[dict]) -> list[str]:
-    fixed_head, fixed_tail = ["epoch"], ["loss", "lr", "train_acc", "val_rank1", "val_mAP", "img_per_s"]
+    fixed_head, fixed_tail = ["epoch"], ["loss", "lr", "train_acc", *VAL_COLUMNS, "img_per_s"]
     terms = sorted({k for row in rows for k in row if k.startswith("loss_")})
     return fixed_head + terms + fixed_tail
 

@@ -16,8 +16,9 @@ Terms (``LossConfig`` weights; a weight of 0 leaves the term out entirely):
 - ``i2t``: CLIP-ReID stage 2, cross-entropy (with the same label smoothing) of the
   image-to-text logits against the labels; computed only when ``text_logits`` is given.
 
-Per-branch terms are averaged over the branches (BoT / MBA-Net per-branch losses), so a weight
-means the same for a one-branch and a multi-branch head. Everything is computed in float32
+Per-branch terms are averaged over the branches (``loss.branch_reduction: mean``), so a weight
+means the same for a one-branch and a multi-branch head, or summed (``sum``: BoT, CLIP-HandID and
+CLIP-ReID add their branches' losses). Everything is computed in float32
 with autocast off: the metric losses and PML's ArcFace (which casts its weights to the
 features' dtype) must not run in bf16.
 
@@ -58,6 +59,9 @@ class ReIDLoss(nn.Module):
         if not self.weights:
             raise UserError("config section 'loss': every term weight is 0; turn one on, e.g. loss.ce=1.0")
         self.label_smoothing = loss_cfg.label_smoothing
+        if loss_cfg.branch_reduction not in ("mean", "sum"):
+            raise UserError(f"config key 'loss.branch_reduction': {loss_cfg.branch_reduction!r} is not mean or sum")
+        self.branch_sum = loss_cfg.branch_reduction == "sum"
         if "triplet" in self.weights:
             self.miner = BatchHardMiner(distance=LpDistance(normalize_embeddings=False))
             self.triplet = TripletMarginLoss(
@@ -69,7 +73,7 @@ class ReIDLoss(nn.Module):
         if "center" in self.weights:
             # The center optimizer then sees the gradient of each branch's unweighted center
             # loss (BoT divides by the weight); see center_parameters().
-            scale = len(feature_dims) / self.weights["center"]
+            scale = (1 if self.branch_sum else len(feature_dims)) / self.weights["center"]
             self.center = nn.ModuleList(CenterLoss(num_classes, dim, scale) for dim in feature_dims)
         if "supcon" in self.weights:
             self.supcon = SupConLoss(temperature=loss_cfg.supcon_temperature)
@@ -85,19 +89,24 @@ class ReIDLoss(nn.Module):
             terms = {}
             for name in self.weights:
                 if name == "ce":
-                    terms[name] = _branch_mean(self._cross_entropy(logits, labels) for logits in outputs["logits"])
+                    terms[name] = self._branches(self._cross_entropy(logits, labels) for logits in outputs["logits"])
                 elif name == "triplet":
-                    terms[name] = _branch_mean(self.triplet(f, labels, self.miner(f, labels)) for f in features)
+                    terms[name] = self._branches(self.triplet(f, labels, self.miner(f, labels)) for f in features)
                 elif name == "center":
-                    terms[name] = _branch_mean(loss(f, labels) for loss, f in zip(self.center, features))
+                    terms[name] = self._branches(loss(f, labels) for loss, f in zip(self.center, features))
                 elif name == "supcon":
-                    terms[name] = _branch_mean(self.supcon(f, labels) for f in features)
+                    terms[name] = self._branches(self.supcon(f, labels) for f in features)
                 elif name == "arcface":
-                    terms[name] = _branch_mean(loss(f, labels) for loss, f in zip(self.arcface, features))
+                    terms[name] = self._branches(loss(f, labels) for loss, f in zip(self.arcface, features))
                 elif name == "i2t" and text_logits is not None:
                     terms[name] = self._cross_entropy(text_logits, labels)
             total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
+
+    def _branches(self, values: Iterable[torch.Tensor]) -> torch.Tensor:
+        """A per-branch term combined over the branches: their mean, or their sum."""
+        stacked = torch.stack(list(values))
+        return stacked.sum() if self.branch_sum else stacked.mean()
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -106,7 +115,7 @@ class ReIDLoss(nn.Module):
         """The class centers, for their own optimizer: plain SGD at ``loss.center_lr`` (BoT: 0.5).
 
         Their gradients are already divided by the center weight (times the number of branches,
-        undoing the branch average), so that step size does not depend on ``loss.center``.
+        undoing a branch average), so that step size does not depend on ``loss.center``.
         """
         if "center" in self.weights:
             yield from (loss.centers for loss in self.center)
@@ -116,6 +125,3 @@ class ReIDLoss(nn.Module):
         centers = {id(p) for p in self.center_parameters()}
         yield from (p for p in self.parameters() if id(p) not in centers)
 
-
-def _branch_mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(list(values)).mean()

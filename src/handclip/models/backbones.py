@@ -7,7 +7,7 @@ through ``torch.load(weights_only=True)``, ``.safetensors`` files through safete
 original TorchScript ``.pt`` archives through ``torch.jit.load`` (it rebuilds TorchScript code and
 tensors, not Python pickles); only their tensors are kept.
 
-``Backbone.forward(images)`` returns three features:
+``Backbone.forward(images)`` returns four features:
 
 - ``proj``: the CLIP image embedding, exactly ``CLIP.encode_image`` (E dims).
 - ``pre_proj``: the feature the projection takes. ViT: the class token after ``ln_post``
@@ -15,6 +15,12 @@ tensors, not Python pickles); only their tensors are kept.
   no separate pre-projection output.
 - ``map``: ViT: the patch tokens after ``ln_post`` on their 2-D grid, not projected (W channels);
   RN: the last stage's feature map (C channels).
+- ``penultimate``: ViT: the class token after the penultimate block, before any norm (W); RN: the
+  global average of the penultimate stage's map (C / 2). CLIP-ReID's ``img_feature_last``.
+
+``last_stride=1`` (RN only) removes the downsampling of the last residual stage, as CLIP-HandID
+and CLIP-ReID build RN50: the map doubles to 14 × 14 at 224 px, and the attention pool's
+positional grid is interpolated to it. ``pixel_stats`` overrides the input normalisation.
 
 ``image_size`` changes the input size. With weights, the positional embeddings are interpolated
 to it (ViT by open_clip, the RN attention pool here).
@@ -37,7 +43,8 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.constants import (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, IMAGENET_MEAN, IMAGENET_STD,
+                                  OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.factory import get_model_config
@@ -50,6 +57,11 @@ from handclip.errors import UserError
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 HUB_PROBE_TIMEOUT_S = 3.0
+PIXEL_STATS = {  # model.pixel_stats → (mean, std); "auto": the weights' own preprocessing
+    "clip": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 open_clip.add_model_config(MODEL_CONFIGS)
 
@@ -75,12 +87,13 @@ class Backbone(nn.Module):
         self.mean, self.std = tuple(preprocess["mean"]), tuple(preprocess["std"])
         if self.kind == "vit":
             width = visual.transformer.width
-            self.dims = {"proj": visual.output_dim, "pre_proj": width, "map": width}
+            self.dims = {"proj": visual.output_dim, "pre_proj": width, "map": width, "penultimate": width}
             self.map_size = tuple(visual.grid_size)
         else:
             channels = visual.attnpool.k_proj.in_features
             side = math.isqrt(visual.attnpool.positional_embedding.shape[0] - 1)
-            self.dims = {"proj": visual.output_dim, "pre_proj": channels, "map": channels}
+            self.dims = {"proj": visual.output_dim, "pre_proj": channels, "map": channels,
+                         "penultimate": visual.layer3[-1].conv3.out_channels}
             self.map_size = (side, side)
         self.text = clip.text if keep_text else None
         self.tokenizer = open_clip.get_tokenizer(arch) if keep_text else None
@@ -96,13 +109,18 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.kind == "vit":
-            out = self.visual.forward_intermediates(images, indices=1, normalize_intermediates=True,
-                                                    output_extra_tokens=True)
-            return {"proj": out["image_features"], "pre_proj": out["image_intermediates_prefix"][0][:, 0],
-                    "map": out["image_intermediates"][0]}
-        out = self.visual.forward_intermediates(images, indices=1)
-        feature_map = out["image_intermediates"][0]
-        return {"proj": out["image_features"], "pre_proj": feature_map.mean(dim=(2, 3)), "map": feature_map}
+            # The last two blocks' tokens, un-normalised; ln_post here applies to the last only.
+            out = self.visual.forward_intermediates(images, indices=2, output_fmt="NLC", output_extra_tokens=True)
+            penultimate, last = out["image_intermediates_prefix"]
+            patches = self.visual.ln_post(out["image_intermediates"][1])
+            rows, columns = self.map_size
+            feature_map = patches.transpose(1, 2).reshape(len(patches), -1, rows, columns)
+            return {"proj": out["image_features"], "pre_proj": self.visual.ln_post(last[:, 0]), "map": feature_map,
+                    "penultimate": penultimate[:, 0]}
+        out = self.visual.forward_intermediates(images, indices=2)
+        penultimate_map, feature_map = out["image_intermediates"]
+        return {"proj": out["image_features"], "pre_proj": feature_map.mean(dim=(2, 3)), "map": feature_map,
+                "penultimate": penultimate_map.mean(dim=(2, 3))}
 
     def layer_groups(self) -> list[list[nn.Module]]:
         """Stem, each transformer block / residual stage, then the final group (ViT: ``ln_post``
@@ -167,12 +185,14 @@ class Backbone(nn.Module):
 
 def create_backbone(arch: str, pretrained: str = "none", image_size: int | None = None,
                     keep_text: bool = False, quick_gelu: bool | str = "auto",
-                    preprocess: dict | None = None) -> Backbone:
+                    preprocess: dict | None = None, last_stride: int | None = None,
+                    pixel_stats: str = "auto") -> Backbone:
     """Build ``arch`` with weights from ``pretrained`` (an open_clip tag, a weights file, or "none").
 
     ``quick_gelu``: True, False, or "auto": on for OpenAI TorchScript archives, for tags whose
     open_clip config says so (``openai``) and for ``*-quickgelu`` archs. ``preprocess``: the mean
-    and std to use instead of the tag's (a checkpoint rebuilt without its weights).
+    and std to use instead of the tag's (a checkpoint rebuilt without its weights). ``last_stride``
+    (RN only; None: the architecture's own) and ``pixel_stats`` as in ModelConfig.
     """
     check_arch(arch)
     weights_path, tag_cfg = _resolve_weights(arch, pretrained)
@@ -186,9 +206,16 @@ def create_backbone(arch: str, pretrained: str = "none", image_size: int | None 
             # OpenAI's weights were trained with QuickGELU; open_clip 3 no longer switches by itself.
             force_quick_gelu=use_quick_gelu,
             force_preprocess_cfg=preprocess or {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg})
+    if last_stride is not None:
+        _set_last_stride(clip.visual, last_stride, arch)
     if weights_path:
         _load_towers(clip, state_dict, weights_path, arch, keep_text)
-    return Backbone(clip, arch, keep_text, use_quick_gelu)
+    backbone = Backbone(clip, arch, keep_text, use_quick_gelu)
+    if pixel_stats != "auto":
+        if pixel_stats not in PIXEL_STATS:
+            raise UserError(f"config key 'model.pixel_stats': {pixel_stats!r} is not auto, {', '.join(PIXEL_STATS)}")
+        backbone.mean, backbone.std = (tuple(v) for v in PIXEL_STATS[pixel_stats])
+    return backbone
 
 
 def is_known_arch(arch: str) -> bool:
@@ -239,6 +266,27 @@ def _tell_quick_gelu_unknown(path: Path, arch: str) -> None:
     print(f"handclip: note: {path}: a state dict does not say whether its model used QuickGELU, so {arch} "
           f"is built with plain GELU; OpenAI's CLIP weights need QuickGELU: set model.quick_gelu=true "
           f"(--quick-gelu true){alternative}", file=sys.stderr)
+
+
+def _set_last_stride(visual: nn.Module, stride: int, arch: str) -> None:
+    """RN: the last residual stage downsamples by ``stride`` (2 as built, or 1). Stride 1 drops the
+    two average pools of its first block (no weights change) and gives the attention pool a
+    positional grid for the doubled map (the loaded one is interpolated to it)."""
+    if not isinstance(visual, ModifiedResNet):
+        raise UserError(f"config key 'model.last_stride': {arch} is not a ResNet; only RN towers have a last "
+                        f"stride (leave it null)")
+    if stride == 2:
+        return
+    if stride != 1:
+        raise UserError(f"config key 'model.last_stride': {stride!r} is not 1 or 2")
+    first = visual.layer4[0]
+    first.avgpool = nn.Identity()
+    first.downsample._modules["-1"] = nn.Identity()  # the pool before its 1x1 projection
+    first.stride = 1
+    side = -(-visual.image_size // 2) // 8  # the stem's stride-2 convolution, then three halvings
+    pool = visual.attnpool
+    width = pool.positional_embedding.shape[1]
+    pool.positional_embedding = nn.Parameter(torch.randn(side * side + 1, width) / width ** 0.5)
 
 
 def _tower_kind(visual: nn.Module, arch: str) -> str:

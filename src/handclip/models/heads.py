@@ -1,7 +1,11 @@
 """Heads turn the backbone's features into one or more branch features, each of which gets its
 own neck, classifier and metric losses; the test feature concatenates them all.
 
-- ``GlobalHead``: the CLIP feature (``proj`` or ``pre_proj``).
+- ``GlobalHead``: the CLIP feature (``proj`` or ``pre_proj``), or with ``embedding="both"`` two
+  branches, ``proj`` then ``pre_proj`` (CLIP-HandID and CLIP-ReID; they list them the other way
+  round, which changes no distance).
+
+Every head starts with these global branches; PCB and attention add theirs after them.
 - ``PCBHead`` (Sun et al., "Beyond Part Models", 2018): the global feature plus P horizontal
   and/or vertical stripes average-pooled from the feature map (ViT: the patch-token grid).
 - ``AttentionHead`` (MBA-Net, Baisa et al., ICPR 2022): the global feature plus a channel-
@@ -19,19 +23,22 @@ from handclip.errors import UserError
 from handclip.models.backbones import Backbone
 
 
+GLOBAL_FEATURES = {"proj": ["proj"], "pre_proj": ["pre_proj"], "both": ["proj", "pre_proj"]}
+
+
 class GlobalHead(nn.Module):
     def __init__(self, backbone: Backbone, embedding: str):
         super().__init__()
-        self.embedding = embedding
-        self.dims = [backbone.dims[embedding]]
+        self.embeddings = GLOBAL_FEATURES[embedding]
+        self.dims = [backbone.dims[name] for name in self.embeddings]
 
     def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [features[self.embedding]]
+        return [features[name] for name in self.embeddings]
 
 
-class PCBHead(nn.Module):
+class PCBHead(GlobalHead):
     def __init__(self, backbone: Backbone, embedding: str, parts: int, direction: str):
-        super().__init__()
+        super().__init__(backbone, embedding)
         rows, columns = backbone.map_size
         grids = {"horizontal": [(parts, 1)], "vertical": [(1, parts)], "both": [(parts, 1), (1, parts)]}
         if direction not in grids:
@@ -40,28 +47,26 @@ class PCBHead(nn.Module):
         if not 1 <= parts <= needed:
             raise UserError(f"config key 'model.parts': {parts} {direction} stripes do not fit the "
                             f"{rows}×{columns} feature map of {backbone.arch} at {backbone.image_size} px")
-        self.embedding = embedding
         self.grids = grids[direction]
-        self.dims = [backbone.dims[embedding]] + [backbone.dims["map"]] * parts * len(self.grids)
+        self.dims += [backbone.dims["map"]] * parts * len(self.grids)
 
     def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         stripes = [stripe for grid in self.grids
                    for stripe in F.adaptive_avg_pool2d(features["map"], grid).flatten(2).unbind(2)]
-        return [features[self.embedding], *stripes]
+        return [*super().forward(features), *stripes]
 
 
-class AttentionHead(nn.Module):
+class AttentionHead(GlobalHead):
     def __init__(self, backbone: Backbone, embedding: str):
-        super().__init__()
+        super().__init__(backbone, embedding)
         channels = backbone.dims["map"]
-        self.embedding = embedding
         self.channel_attention = ChannelAttention()
         self.spatial_attention = SpatialAttention(channels, backbone.map_size)
-        self.dims = [backbone.dims[embedding], channels, channels]
+        self.dims += [channels, channels]
 
     def forward(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         feature_map = features["map"]
-        return [features[self.embedding],
+        return [*super().forward(features),
                 self.channel_attention(feature_map).mean(dim=(2, 3)),
                 self.spatial_attention(feature_map).mean(dim=(2, 3))]
 
@@ -123,8 +128,8 @@ def _conv_bn_relu(channels_in: int, channels_out: int) -> nn.Sequential:
 
 def make_head(kind: str, backbone: Backbone, embedding: str, parts: int = 4,
               direction: str = "horizontal") -> nn.Module:
-    if embedding not in ("proj", "pre_proj"):
-        raise UserError(f"config key 'model.embedding': {embedding!r} is not proj or pre_proj")
+    if embedding not in GLOBAL_FEATURES:
+        raise UserError(f"config key 'model.embedding': {embedding!r} is not proj, pre_proj or both")
     if kind == "global":
         return GlobalHead(backbone, embedding)
     if kind == "pcb":

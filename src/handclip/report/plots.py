@@ -39,9 +39,9 @@ def plot_history(history_csv, out_dir) -> list[Path]:
     """Curves of a training run's ``history.csv`` → PNGs in ``out_dir``; returns their paths.
 
     Columns: ``epoch``, ``loss``, any number of ``loss_<term>``, ``lr``, ``train_acc``,
-    ``val_rank1``, ``val_mAP``, ``img_per_s``; an empty cell is a missing value (validation may
+    ``val_rank1``, ``val_mAP``, ``val_acc``, ``img_per_s``; an empty cell is a missing value (validation may
     not run every epoch). Writes ``loss.png`` (total and every term), ``lr.png`` and
-    ``accuracy.png`` (train accuracy, val rank-1 and mAP in percent), each only when its
+    ``accuracy.png`` (train accuracy, val rank-1, mAP and accuracy in percent), each only when its
     columns hold a value. A missing file or column or a non-number → ``UserError`` naming it.
     """
     columns = _read_history(Path(history_csv))
@@ -51,7 +51,7 @@ def plot_history(history_csv, out_dir) -> list[Path]:
     panels = [
         ("loss.png", "loss", {name: columns.get(name) for name in loss_names}, 1.0, False),
         ("lr.png", "learning rate", {"lr": columns.get("lr")}, 1.0, True),
-        ("accuracy.png", "%", {name: columns.get(name) for name in ("train_acc", "val_rank1", "val_mAP")},
+        ("accuracy.png", "%", {name: columns.get(name) for name in ("train_acc", "val_rank1", "val_mAP", "val_acc")},
          100.0, False),
     ]
     written = []
