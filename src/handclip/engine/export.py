@@ -10,8 +10,8 @@ and the handclip version.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from handclip.errors import UserError
-from handclip.fileio import atomic_write_json, sha256_file
+from handclip.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 # Opset 18 runs on every onnxruntime since 1.14 and on TensorRT 8.6+; the exporter converts down to it.
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "features"
+EMBEDDED_METADATA = ("input_size", "feature_size", "checkpoint_sha256", "opset", "handclip_version")
 # A single-file ONNX model is one protobuf message, which cannot exceed 2 GiB.
 PROTOBUF_LIMIT_BYTES = 2 ** 31
 
@@ -50,6 +51,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
     from handclip import __version__
     from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 
+    try:
+        import onnxscript  # noqa: F401 — torch's exporter needs it
+        from onnx import StringStringEntryProto
+    except ImportError as exc:
+        raise UserError(f"export needs the packages of the 'export' extra ({exc.name} is missing): "
+                        f"pip install 'handclip[export]'") from None
     checkpoint, out, opset = Path(checkpoint), Path(out), opset or OPSET
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give the .onnx file to write")
@@ -59,10 +66,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
     encoder = PreprocessingEncoder(model.eval()).eval()
     size = model.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # batch 2: a batch of 1 would be specialised
-    program = torch.onnx.export(encoder, (example,), dynamo=True, opset_version=opset,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    _save_atomically(program, out)
+    with _quiet_exporter():
+        program = torch.onnx.export(encoder, (example,), dynamo=True, opset_version=opset,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     metadata = {
         "format": "handclip-onnx",
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB"},
@@ -80,6 +87,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
         "opset": opset,
         "handclip_version": __version__,
     }
+    onnx_model = program.model_proto
+    # the essentials also travel inside the .onnx file, for whoever receives it alone
+    onnx_model.metadata_props.extend(StringStringEntryProto(key=f"handclip.{key}", value=str(metadata[key]))
+                                     for key in EMBEDDED_METADATA)
+    atomic_write_bytes(out, onnx_model.SerializeToString())
     atomic_write_json(out.with_name(out.name + ".json"), metadata)
     return metadata
 
@@ -91,13 +103,13 @@ def _check_fits_one_file(model: nn.Module, checkpoint: Path) -> None:
                         f"of a single-file ONNX model")
 
 
-def _save_atomically(program, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+@contextlib.contextmanager
+def _quiet_exporter():
+    """onnxscript's optimiser logs a warning for every op it does not fold; none concern the user."""
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        program.save(tmp, external_data=False)
-        os.replace(tmp, out)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        logger.setLevel(level)
