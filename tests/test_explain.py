@@ -21,7 +21,7 @@ from handclip.config import config_from_dict
 from handclip.data.manifests import load_split
 from handclip.engine.encoder import Encoder
 from handclip.explain import explain_pair, overlay
-from handclip.explain.relevance import relevance_grids
+from handclip.explain.relevance import _explained_activation, relevance_grids
 from handclip.models.reid import build_reid_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
@@ -131,6 +131,16 @@ def test_paths_give_the_scores_of_encode_paths(tmp_path):
     features = encoder.encode(paths)
     assert result["score"] == pytest.approx(float(features[0] @ features[1]), abs=1e-5)
     assert result["heatmap_a"].shape == (140, 180) and result["heatmap_b"].shape == (120, 120)
+
+
+def test_encode_in_another_thread_passes_the_hooks_untouched():
+    """A web server may encode a query while an explanation holds its hooks on the same model."""
+    encoder = random_init_encoder("tiny-vit", "attention")
+    photos = [random_photo(7), random_photo(8)]
+    before = encoder.encode(photos)
+    with _explained_activation(encoder.model.backbone) as captured:
+        during = encoder.encode(photos)  # no gradients: as encode() runs in any thread
+    assert captured == [] and torch.equal(before, during)
 
 
 def test_resnet_map_equals_its_closed_form():

@@ -17,6 +17,7 @@ The activation is the last one that every head reads:
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -24,25 +25,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from handclip.data.images import read_image
 from handclip.engine.encoder import Encoder
 from handclip.models.backbones import Backbone
 
 # The class token precedes the patch tokens (open_clip ViTs have exactly one prefix token).
 VIT_PREFIX_TOKENS = 1
+# The hooks sit on the shared model while an explanation runs: one explanation at a time (a web
+# server's threads), and encode() calls meanwhile pass untouched (they run without gradients).
+_HOOK_LOCK = threading.Lock()
 
 
 def explain_pair(encoder: Encoder, image_a, image_b) -> dict:
     """Similarity of two images (paths or PIL images) and where it comes from.
 
     Returns ``{"score": float, "heatmap_a": ndarray, "heatmap_b": ndarray}``: ``score`` is the cosine
-    similarity of the two L2-normalised features (as ``encoder.encode`` computes them); each heatmap
+    similarity of the two L2-normalised features exactly as ``encoder.encode`` computes them (bf16 on
+    a GPU; the maps always come from float32 gradients); each heatmap
     is float32 ``(H, W)`` in [0, 1] at the pixel size of its own image (the model sees the whole photo
     squeezed to a square, so the map is stretched back over the whole photo).
     A path that is not a readable image raises :class:`~handclip.errors.UserError` naming it.
     """
     pixels = encoder.to_uint8([image_a, image_b])
-    score, grids = relevance_grids(encoder, pixels)
+    _, grids = relevance_grids(encoder, pixels)
+    features = encoder.embed_uint8(pixels)
+    score = float(features[0] @ features[1])
     heatmaps = [upsample(grid, _pixel_size(image)) for grid, image in zip(grids, (image_a, image_b))]
     return {"score": score, "heatmap_a": heatmaps[0], "heatmap_b": heatmaps[1]}
 
@@ -51,7 +57,7 @@ def relevance_grids(encoder: Encoder, pixels: torch.Tensor) -> tuple[float, torc
     """uint8 pair ``(2, 3, H, W)`` → (cosine similarity, relevance ``(2, h, w)`` on the model's
     patch / feature-map grid, each map in [0, 1])."""
     model = encoder.model
-    with torch.enable_grad(), _explained_activation(model.backbone) as activations:
+    with _HOOK_LOCK, torch.enable_grad(), _explained_activation(model.backbone) as activations:
         embeddings = model(encoder.transform(pixels.to(encoder.device)))["embedding"].float()
         features = F.normalize(embeddings, dim=1)
         score = (features[0] * features[1]).sum()
@@ -70,6 +76,8 @@ def _explained_activation(backbone: Backbone) -> Iterator[list[torch.Tensor]]:
     captured: list[torch.Tensor] = []
 
     def leaf_of(tensor: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # another thread's encode(); grad mode is per thread
+            return tensor
         leaf = tensor.detach().requires_grad_(True)
         captured.append(leaf)
         return leaf
@@ -108,7 +116,3 @@ def _pixel_size(image) -> tuple[int, int]:
     with Image.open(image) as opened:  # already decoded once by encoder.to_uint8, so readable
         return opened.size
 
-
-def load_image(image) -> Image.Image:
-    """A path or PIL image as an RGB PIL image (``UserError`` naming a path that is not an image)."""
-    return image.convert("RGB") if isinstance(image, Image.Image) else read_image(image)

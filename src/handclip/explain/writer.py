@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from handclip.data.images import read_image
 from handclip.explain.overlay import overlay
-from handclip.explain.relevance import explain_pair, load_image
+from handclip.explain.relevance import explain_pair
 from handclip.fileio import atomic_directory, atomic_write_json, sha256_file
 
 METHOD = ("gradient x activation of the cosine similarity of the final embeddings; ViT: tokens entering "
@@ -24,7 +25,7 @@ def write_explanation(checkpoint: str | Path, query: str | Path, candidate: str 
     (replacing it) and return the JSON summary. Bad input raises ``UserError`` before anything is written."""
     from handclip.engine.checkpoint import load_model
 
-    images = {"query": load_image(query), "candidate": load_image(candidate)}
+    images = {"query": read_image(query), "candidate": read_image(candidate)}
     encoder = load_model(checkpoint, device=device)
     result = explain_pair(encoder, query, candidate)
     heatmaps = {"query": result["heatmap_a"], "candidate": result["heatmap_b"]}
