@@ -40,9 +40,9 @@ def explain_pair(encoder: Encoder, image_a, image_b) -> dict:
 
     Returns ``{"score": float, "heatmap_a": ndarray, "heatmap_b": ndarray}``: ``score`` is the cosine
     similarity of the two L2-normalised features exactly as ``encoder.encode`` computes them (bf16 on
-    a GPU; the maps always come from float32 gradients); each heatmap
-    is float32 ``(H, W)`` in [0, 1] at the pixel size of its own image (the model sees the whole photo
-    squeezed to a square, so the map is stretched back over the whole photo).
+    a GPU; the maps always come from float32 gradients); each heatmap is float32 ``(H, W)`` in [0, 1]
+    at the pixel size of its own image (the model sees the whole photo squeezed to a square, so the
+    map is stretched back over the whole photo).
     A path that is not a readable image raises :class:`~handclip.errors.UserError` naming it.
     """
     pixels = encoder.to_uint8([image_a, image_b])
