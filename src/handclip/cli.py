@@ -177,6 +177,13 @@ def _search(args):
           f"{args.out / 'results.html'}")
 
 
+def _serve(args):
+    from handclip.serve import run_server
+
+    run_server(args.db, host=args.host, port=args.port, token=args.token, calibration=args.calibration,
+               checkpoint=args.checkpoint, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -305,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=_search)
+
+    p = sub.add_parser("serve", help="a local web page to search the gallery")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--calibration", type=Path, metavar="CAL_DIR", help="show likelihood ratios")
+    p.add_argument("--host", default="127.0.0.1", help="any other address than 127.0.0.1 needs --token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="required as 'Authorization: Bearer TOKEN' by every /api/ request")
+    p.add_argument("--checkpoint", type=Path, help="the gallery's model file, if it has moved (same sha256)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_serve)
     return parser
 
 

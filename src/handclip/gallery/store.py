@@ -25,6 +25,7 @@ GALLERY_FORMAT = "handclip-gallery"
 GALLERY_VERSION = 1
 BUSY_TIMEOUT_S = 120.0  # another process's enrolment batch holds the write lock for well under this
 FEATURE_DTYPE = np.dtype("<f4")
+PAGE_SIZE = 16384
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE images (
@@ -121,8 +122,11 @@ class Gallery:
         path.parent.mkdir(parents=True, exist_ok=True)
         gallery = cls(_connect(path, create=True), path)
         try:
-            if gallery._state() == "foreign":  # checked before anything is written into someone else's file
+            state = gallery._state()
+            if state == "foreign":  # checked before anything is written into someone else's file
                 raise UserError(f"{path}: not a handclip gallery (no '{GALLERY_FORMAT}' marker)")
+            if state == "empty":
+                gallery._set_page_size()
             gallery._enable_wal()
             gallery._create_once(model)
             gallery._check_version()
@@ -154,6 +158,12 @@ class Gallery:
             return "foreign"
         row = self.connection.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         return "gallery" if row and row[0] == GALLERY_FORMAT else "foreign"
+
+    @_database_errors
+    def _set_page_size(self) -> None:
+        """Before the first table: 16 KiB pages hold seven rows of 512 float32 features where the
+        default 4 KiB pages hold one (a 1M-row gallery then takes 2.3 GB instead of 4.2 GB)."""
+        self.connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")
 
     @_database_errors
     def _enable_wal(self) -> None:
