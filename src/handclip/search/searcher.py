@@ -50,7 +50,7 @@ class Searcher:
             self.gallery.close()
             raise
         self.backend = backend
-        self._lock = threading.Lock()  # the server calls from several threads; sqlite and torch state are shared
+        self.lock = threading.Lock()  # the server calls from several threads; sqlite and torch state are shared
         self._generation = None
         self.refresh()
 
@@ -86,7 +86,7 @@ class Searcher:
         "score", "log10_lr"?}]}``, best first; each search is appended to the gallery's audit table."""
         if top < 1:
             raise UserError(f"--top {top}: must be at least 1")
-        with self._lock:
+        with self.lock:
             self.refresh()
             if not self.sha256s:
                 raise UserError(f"{self.gallery.path}: the gallery is empty (enrol images with `handclip gallery add`)")
