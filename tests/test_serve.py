@@ -92,7 +92,8 @@ def test_gallery_images_and_records_by_sha256_only(client, gallery_db, query, tm
     record = client.get(f"/api/gallery/{best['sha256']}").json()
     assert (record["identity"], record["path"]) == (best["identity"], best["image"])
     assert record["aspect"] and record["enrolled"]
-    for bad in ["0" * 64, "../../etc/passwd", "%2e%2e%2fetc%2fpasswd", best["image"].lstrip("/"), best["sha256"].upper()]:
+    not_ids = ["0" * 64, "../../etc/passwd", "%2e%2e%2fetc%2fpasswd", best["image"].lstrip("/"), best["sha256"].upper()]
+    for bad in not_ids:
         assert client.get(f"/api/images/{bad}").status_code == 404, bad
         assert client.get(f"/api/gallery/{bad}").status_code == 404, bad
 
@@ -198,8 +199,8 @@ def test_serve_refuses_a_busy_port_and_an_open_host_without_token(gallery_db, ca
 def server(gallery_db):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "handclip", "serve", "--db", str(gallery_db), "--port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "handclip", "serve", "--db", str(gallery_db), "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
