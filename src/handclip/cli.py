@@ -184,6 +184,21 @@ def _serve(args):
                checkpoint=args.checkpoint, device=args.device)
 
 
+def _explain(args):
+    from handclip.explain.writer import write_explanation
+
+    summary = write_explanation(args.checkpoint, args.query, args.candidate, args.out, device=args.device)
+    print(f"score {summary['score']:.4f}; wrote heatmaps and explanation.json to {args.out}")
+
+
+def _export(args):
+    from handclip.engine.export import export_onnx
+
+    metadata = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {args.out} and {args.out}.json: uint8 (N, 3, {metadata['input_size']}, {metadata['input_size']}) "
+          f"→ {metadata['feature_size']}-d L2-normalised features")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="handclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -322,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="the gallery's model file, if it has moved (same sha256)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=_serve)
+
+
+
+    p = sub.add_parser("explain", help="heatmaps of the regions that make two hand photos similar")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("query", type=Path)
+    p.add_argument("candidate", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="folder for the overlays, maps and explanation.json")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_explain)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (uint8 images in, normalised features out)")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file; its metadata goes to OUT.json")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    p.set_defaults(handler=_export)
     return parser
 
 
