@@ -1,5 +1,6 @@
 """handclip serve: the API (token, upload limits, images by sha256, same results as `handclip search`,
 audit), the command's safety checks, and the page driven in headless Chromium."""
+import base64
 import io
 import json
 import os
@@ -96,6 +97,28 @@ def test_gallery_images_and_records_by_sha256_only(client, gallery_db, query, tm
     for bad in not_ids:
         assert client.get(f"/api/images/{bad}").status_code == 404, bad
         assert client.get(f"/api/gallery/{bad}").status_code == 404, bad
+
+
+def test_explanations_draw_heatmaps_over_both_photos(client, query):
+    entry = upload(client, query.path.read_bytes(), top=2).json()
+    candidate = entry["results"][1]
+    response = client.post("/api/explain", files={"image": ("q.jpg", query.path.read_bytes(), "image/jpeg")},
+                           data={"candidate": candidate["sha256"]})
+    assert response.status_code == 200
+    explained = response.json()
+    assert explained["score"] == pytest.approx(candidate["score"], abs=1e-4)
+    for key, path in (("query_overlay", query.path), ("candidate_overlay", Path(candidate["image"]))):
+        assert explained[key].startswith("data:image/jpeg;base64,")
+        drawn = Image.open(io.BytesIO(base64.b64decode(explained[key].split(",", 1)[1]))).convert("RGB")
+        plain = Image.open(path).convert("RGB")
+        assert drawn.size == plain.size
+        assert np.abs(np.asarray(drawn, float) - np.asarray(plain, float)).mean() > 2  # tinted where it matters
+    not_image = client.post("/api/explain", files={"image": ("q.jpg", b"text", "image/jpeg")},
+                            data={"candidate": candidate["sha256"]})
+    assert not_image.status_code == 415
+    unknown = client.post("/api/explain", files={"image": ("q.jpg", query.path.read_bytes(), "image/jpeg")},
+                          data={"candidate": "0" * 64})
+    assert unknown.status_code == 404
 
 
 def test_a_changed_gallery_file_is_not_served(searcher, tmp_path):
@@ -246,6 +269,10 @@ def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, quer
             expect(page.locator("#compare-facts")).to_contain_text("Aspect")
             for image in ("#compare-query", "#compare-candidate"):
                 page.wait_for_function(f"document.querySelector('{image}').naturalWidth > 0")
+            page.check("#heatmaps")
+            expect(page.locator("#compare-candidate")).to_have_attribute("src", re.compile(r"^data:image/jpeg"))
+            expect(page.locator("#compare-query")).to_have_attribute("src", re.compile(r"^data:image/jpeg"))
+            expect(page.locator("#heatmap-note")).to_be_visible()
             page.screenshot(path=str(tmp_path / "compare.png"))
             page.keyboard.press("Escape")
             expect(page.locator("#compare")).to_be_hidden()

@@ -8,6 +8,7 @@ disk still has that sha256; every search is appended to the gallery's audit tabl
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import mimetypes
@@ -21,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
-from handclip.data.images import load_resized
+from handclip.data.images import load_resized, read_image
 from handclip.errors import UserError
 from handclip.search.searcher import Query, Searcher
 
@@ -31,6 +32,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 STATIC = Path(__file__).parent / "static"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_TOP = 500
+OVERLAY_SIZE = 900  # longest side of the heatmap pictures sent to the page
 
 
 class UploadRejected(Exception):
@@ -39,9 +41,9 @@ class UploadRejected(Exception):
         self.status, self.detail = status, detail
 
 
-def decode_upload(data: bytes, size: int) -> np.ndarray:
-    """An uploaded file → the stored form (``size × size × 3`` uint8), exactly as a file on disk would
-    be decoded; :class:`UploadRejected` (413 / 415) otherwise."""
+def check_upload(data: bytes) -> None:
+    """An upload must be at most :data:`MAX_UPLOAD_BYTES` and an image of an accepted format within
+    Pillow's decompression-bomb pixel limit (read from its header); :class:`UploadRejected` otherwise."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise UploadRejected(413, f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
     try:
@@ -55,15 +57,29 @@ def decode_upload(data: bytes, size: int) -> np.ndarray:
         raise UploadRejected(415, f"{format_} images are not accepted ({', '.join(IMAGE_FORMATS)} are)")
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         raise UploadRejected(413, f"{width}x{height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS}")
+
+
+def decode_upload(data: bytes, size: int | None = None):
+    """A checked upload decoded: the stored form (``size × size × 3`` uint8, exactly as a file on disk
+    would be decoded for search) or, without ``size``, the whole RGB photo (PIL)."""
+    check_upload(data)
     try:
-        return load_resized(io.BytesIO(data), size)
+        return load_resized(io.BytesIO(data), size) if size else read_image(io.BytesIO(data))
     except UserError:
         raise UploadRejected(415, "the image cannot be decoded (truncated or corrupt)") from None
 
 
+def image_data_url(image: Image.Image, longest: int = OVERLAY_SIZE) -> str:
+    image = image.copy()
+    image.thumbnail((longest, longest))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def create_app(searcher: Searcher, token: str | None = None):
     """The FastAPI app: ``/`` (the page), ``/api/info``, ``POST /api/search``, ``/api/images/{sha256}``,
-    ``/api/gallery/{sha256}``; OpenAPI docs at ``/docs``."""
+    ``/api/gallery/{sha256}``, ``POST /api/explain``; OpenAPI docs at ``/docs``."""
     def authorised(request: Request) -> None:
         if token is None:
             return
@@ -100,7 +116,7 @@ def create_app(searcher: Searcher, token: str | None = None):
             summary = searcher.gallery.info()
         keys = ("images", "identities", "checkpoint_sha256", "feature_dim", "created", "last_enrolled")
         return {**{k: summary[k] for k in keys}, "calibrated": searcher.calibrated,
-                "max_upload_bytes": MAX_UPLOAD_BYTES, "explanations": False}
+                "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     @api.post("/search")
     def search(image: UploadFile = File(..., description="the questioned photo"),
@@ -131,9 +147,8 @@ def create_app(searcher: Searcher, token: str | None = None):
         """An enrolled image's identity, aspect, metadata, path and enrolment time."""
         return record(sha256)
 
-    @api.get("/images/{sha256}", response_class=Response)
-    def gallery_image(sha256: str):
-        """An enrolled image, by its sha256; only while the file still is that image."""
+    def enrolled_file(sha256: str) -> tuple[Path, bytes]:
+        """An enrolled image's path and bytes, only while the file still is that image."""
         path = Path(record(sha256)["path"])
         try:
             data = path.read_bytes()
@@ -141,8 +156,31 @@ def create_app(searcher: Searcher, token: str | None = None):
             raise HTTPException(410, "the enrolled file is no longer there") from None
         if hashlib.sha256(data).hexdigest() != sha256:
             raise HTTPException(410, "the enrolled file has changed since enrolment")
+        return path, data
+
+    @api.get("/images/{sha256}", response_class=Response)
+    def gallery_image(sha256: str):
+        """An enrolled image, by its sha256."""
+        path, data = enrolled_file(sha256)
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.post("/explain")
+    def explain(image: UploadFile = File(..., description="the questioned photo"),
+                candidate: str = Form(..., description="sha256 of a gallery image")) -> dict:
+        """Heatmaps of the regions of the query and of a candidate that raise their similarity,
+        drawn over both photos (JPEG data URLs), and the pair's score."""
+        from handclip.explain import explain_pair, overlay
+
+        try:
+            query = decode_upload(image.file.read(MAX_UPLOAD_BYTES + 1))
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        candidate_image = read_image(io.BytesIO(enrolled_file(candidate)[1]))
+        with searcher.lock:  # the explanation hooks into the shared model for one pass
+            result = explain_pair(searcher.encoder, query, candidate_image)
+        return {"score": result["score"], "query_overlay": image_data_url(overlay(query, result["heatmap_a"])),
+                "candidate_overlay": image_data_url(overlay(candidate_image, result["heatmap_b"]))}
 
     app.include_router(api)
     return app

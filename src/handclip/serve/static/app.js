@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("handclip-token"), info: null, file: null, entry: null, queryUrl: null,
-                current: -1, imageUrls: new Map() };
+                current: -1, imageUrls: new Map(), explanations: new Map() };
 
 async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
@@ -132,6 +132,38 @@ function factRows(rows) {
   }
 }
 
+async function explanation(sha256) {
+  const key = `${state.entry.sha256}/${sha256}`;
+  if (!state.explanations.has(key)) {
+    const form = new FormData();
+    form.append("image", state.file, state.file.name);
+    form.append("candidate", sha256);
+    state.explanations.set(key, api("explain", { method: "POST", body: form }).then((r) => r.json()));
+  }
+  try {
+    return await state.explanations.get(key);
+  } catch (error) {
+    state.explanations.delete(key);  // try again next time
+    throw error;
+  }
+}
+
+async function showImages(result, shown) {
+  const withHeatmaps = $("heatmaps").checked;
+  $("heatmap-note").hidden = !withHeatmaps;
+  $("compare-query").src = state.queryUrl;
+  const url = await galleryImage(result.sha256);
+  if (state.current !== shown) return;
+  $("compare-candidate").src = url;
+  if (!withHeatmaps) return;
+  setStatus("Computing the explanation…");
+  const explained = await explanation(result.sha256);
+  if (state.current !== shown || !$("heatmaps").checked) return;
+  $("compare-query").src = explained.query_overlay;
+  $("compare-candidate").src = explained.candidate_overlay;
+  setStatus(`Explanation of candidate #${result.rank} shown.`);
+}
+
 async function openCompare(index) {
   const results = state.entry.results;
   const shown = (index + results.length) % results.length;
@@ -140,15 +172,13 @@ async function openCompare(index) {
   $("compare").hidden = false;
   $("compare-title").textContent = `Candidate #${result.rank} of ${results.length}`;
   $("compare-caption").textContent = `Candidate #${result.rank}: ${result.identity ?? "no identity"}`;
-  $("compare-query").src = state.queryUrl;
   $("compare-candidate").removeAttribute("src");
   const base = [["Score (cosine similarity)", result.score.toFixed(4)], ["Likelihood ratio", lrText(result)],
                 ["Identity", result.identity ?? "none"]];
   factRows([...base, ["Candidate sha256", result.sha256, true], ["Query sha256", state.entry.sha256, true]]);
   try {
-    const [url, record] = await Promise.all([galleryImage(result.sha256), api(`gallery/${result.sha256}`).then((r) => r.json())]);
+    const [, record] = await Promise.all([showImages(result, shown), api(`gallery/${result.sha256}`).then((r) => r.json())]);
     if (state.current !== shown) return;  // the examiner moved on meanwhile
-    $("compare-candidate").src = url;
     const metadata = Object.entries(record.metadata || {}).map(([key, value]) => [key, String(value)]);
     factRows([...base, ["Aspect", record.aspect], ...metadata, ["Enrolled", record.enrolled],
               ["Gallery file", record.path, true], ["Candidate sha256", result.sha256, true],
@@ -179,6 +209,9 @@ function setUp() {
   $("prev").addEventListener("click", () => openCompare(state.current - 1));
   $("next").addEventListener("click", () => openCompare(state.current + 1));
   $("close").addEventListener("click", closeCompare);
+  $("heatmaps").addEventListener("change", () => {
+    if (state.current >= 0) showImages(state.entry.results[state.current], state.current).catch((e) => setStatus(e.message, true));
+  });
   $("compare").addEventListener("click", (event) => { if (event.target === $("compare")) closeCompare(); });
   document.addEventListener("keydown", (event) => {
     if ($("compare").hidden) return;
