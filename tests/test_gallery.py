@@ -18,7 +18,8 @@ from PIL import Image
 
 import handclip
 from handclip.cli import main
-from handclip.gallery import Gallery, file_sha256
+from handclip.fileio import sha256_file
+from handclip.gallery import Gallery
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -69,7 +70,7 @@ def test_files_and_folders_are_enrolled_with_the_models_features(checkpoint, han
     assert add(db, checkpoint, hands[0], hands[1], folder) == 0
     summary = info(db, capsys)
     assert summary["images"] == 5 and summary["identities"] == 0 and summary["unlabelled"] == 5
-    assert summary["checkpoint_sha256"] == file_sha256(checkpoint)
+    assert summary["checkpoint_sha256"] == sha256_file(checkpoint)
     assert summary["checkpoint"] == str(checkpoint.resolve())
     assert summary["feature_dim"] == handclip.load_model(checkpoint).dim
     assert summary["preprocessing"]["image_size"] == handclip.load_model(checkpoint).image_size
@@ -78,7 +79,7 @@ def test_files_and_folders_are_enrolled_with_the_models_features(checkpoint, han
     stored = rows(db)
     paths = [Path(p) for _, p, *_ in stored]
     assert paths == [hands[0], hands[1], *sorted((folder / "sub").glob("*.jpg"))]
-    assert [sha for sha, *_ in stored] == [file_sha256(p) for p in paths]
+    assert [sha for sha, *_ in stored] == [sha256_file(p) for p in paths]
     with Gallery.open(db) as gallery:
         (_, sha256s, features), = list(gallery.feature_chunks())
     expected = handclip.load_model(checkpoint).encode(paths).numpy()
@@ -119,7 +120,7 @@ def test_the_same_image_is_never_enrolled_twice(checkpoint, hands, tmp_path, cap
     assert "added 2 images, skipped 2" in capsys.readouterr().out
     assert add(db, checkpoint, hands[1], hands[2]) == 0
     assert "added 1 images, skipped 1" in capsys.readouterr().out
-    assert [sha for sha, *_ in rows(db)] == [file_sha256(h) for h in hands[:3]]
+    assert [sha for sha, *_ in rows(db)] == [sha256_file(h) for h in hands[:3]]
 
 
 def test_remove_by_identity_and_by_image(checkpoint, synth_root, splits_dir, tmp_path, capsys):
@@ -267,5 +268,5 @@ def test_two_processes_adding_at_once_both_succeed(checkpoint, tmp_path, capsys)
     assert [first.returncode, second.returncode] == [0, 0], results
     added = [int(out.split()[1]) for out, _ in results]
     assert sum(added) == len(paths)
-    assert sorted(sha for sha, *_ in rows(db)) == sorted(file_sha256(p) for p in paths)
+    assert sorted(sha for sha, *_ in rows(db)) == sorted(sha256_file(p) for p in paths)
     assert info(db, capsys)["images"] == len(paths)

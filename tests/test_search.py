@@ -12,7 +12,8 @@ import handclip
 from handclip.cli import main
 from handclip.engine.evaluation import EvaluateOptions, build_encoders, build_protocols, encode_all, fused_distance
 from handclip.errors import UserError
-from handclip.gallery import EnrolItem, Gallery, enrol, file_sha256
+from handclip.fileio import sha256_file
+from handclip.gallery import EnrolItem, Gallery, enrol
 from handclip.metrics import ranked_matches
 from handclip.search.calibration import add_likelihood_ratios, load_calibration
 from handclip.search.index import FeatureIndex, choose_backend, faiss_available
@@ -48,7 +49,7 @@ def test_results_json_and_html(gallery_db, synth_root, splits_dir, tmp_path):
     query_features = handclip.load_model(model_path).encode(queries).numpy()
     for query, entry, feature in zip(queries, results["queries"], query_features):
         assert list(entry) == ["query", "sha256", "results"]
-        assert entry["query"] == str(query) and entry["sha256"] == file_sha256(query)
+        assert entry["query"] == str(query) and entry["sha256"] == sha256_file(query)
         assert [r["rank"] for r in entry["results"]] == [1, 2, 3, 4, 5]
         for r in entry["results"]:
             assert list(r) == ["rank", "sha256", "image", "identity", "score"]
@@ -76,7 +77,7 @@ def test_search_ranks_the_gallery_as_evaluate_does(checkpoint, synth_root, split
     enrol(db, checkpoint, [EnrolItem(s.path, s.identity, s.aspect) for s in gallery])
     assert search(db, tmp_path / "out", *[s.path for s in queries], "--top", len(gallery)) == 0
     entries = json.loads((tmp_path / "out" / "results.json").read_text())["queries"]
-    gallery_sha256 = [file_sha256(s.path) for s in gallery]
+    gallery_sha256 = [sha256_file(s.path) for s in gallery]
     for expected, entry, query_dist in zip(order, entries, dist):
         assert [r["sha256"] for r in entry["results"]] == [gallery_sha256[i] for i in expected]
         np.testing.assert_allclose([1 - r["score"] for r in entry["results"]], query_dist[expected], atol=1e-5)
@@ -158,7 +159,7 @@ def test_every_search_is_audited(gallery_db, synth_root, tmp_path):
     entries = json.loads((tmp_path / "out" / "results.json").read_text())["queries"]
     with Gallery.open(gallery_db) as gallery:
         audit = gallery.audit()[before:]
-    assert [a["query_sha256"] for a in audit] == [file_sha256(q) for q in queries]
+    assert [a["query_sha256"] for a in audit] == [sha256_file(q) for q in queries]
     for logged, entry in zip(audit, entries):
         assert logged["results"] == [{k: r[k] for k in ("rank", "sha256", "score")} for r in entry["results"]]
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", logged["time"])

@@ -21,7 +21,8 @@ from PIL import Image
 
 from handclip.cli import main
 from handclip.data.manifests import load_split
-from handclip.gallery import Gallery, file_sha256
+from handclip.fileio import sha256_file
+from handclip.gallery import Gallery
 from handclip.search.searcher import Searcher
 from handclip.serve.app import MAX_UPLOAD_BYTES, create_app
 
@@ -80,7 +81,7 @@ def test_every_api_search_is_audited(client, gallery_db, query):
     with Gallery.open(gallery_db) as gallery:
         audit = gallery.audit()
     assert len(audit) == before + 1
-    assert audit[-1]["query_sha256"] == file_sha256(query.path) == entry["sha256"]
+    assert audit[-1]["query_sha256"] == sha256_file(query.path) == entry["sha256"]
     assert [r["sha256"] for r in audit[-1]["results"]] == [r["sha256"] for r in entry["results"]]
 
 
@@ -124,7 +125,7 @@ def test_explanations_draw_heatmaps_over_both_photos(client, query):
 def test_a_changed_gallery_file_is_not_served(searcher, tmp_path):
     photo = tmp_path / "moving.jpg"
     Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(photo)
-    sha = file_sha256(photo)
+    sha = sha256_file(photo)
     from handclip.gallery.store import GalleryRecord
 
     searcher.gallery.add([GalleryRecord(sha, str(photo), np.ones(searcher.gallery.model.feature_dim) / 8)])

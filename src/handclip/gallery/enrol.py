@@ -5,7 +5,6 @@ the same command again adds only what is missing (images are keyed by sha256).""
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from handclip.data.manifests import IMAGE_SUFFIXES
 from handclip.errors import UserError
+from handclip.fileio import sha256_file
 from handclip.gallery.store import Gallery, GalleryRecord, ModelInfo
 
 MANIFEST_COLUMNS = ("image", "identity")  # required; `aspect` is read when present, others kept as metadata
@@ -27,14 +27,6 @@ class EnrolItem:
     identity: str | None = None
     aspect: str | None = None
     metadata: dict = field(default_factory=dict)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def collect_images(paths: Sequence[str | os.PathLike]) -> list[EnrolItem]:
@@ -98,7 +90,7 @@ def model_info(checkpoint: str | os.PathLike, encoder) -> ModelInfo:
     """What a gallery records about the model that made its features."""
     checkpoint = Path(checkpoint).resolve()
     return ModelInfo(
-        checkpoint_sha256=file_sha256(checkpoint),
+        checkpoint_sha256=sha256_file(checkpoint),
         checkpoint=str(checkpoint),
         feature_dim=int(encoder.dim),
         preprocessing={"image_size": int(encoder.image_size), "mean": [float(v) for v in encoder.transform.mean],
@@ -121,7 +113,7 @@ def enrol(db: str | os.PathLike, checkpoint: str | os.PathLike, items: list[Enro
     unique: dict[str, EnrolItem] = {}
     for item in tqdm(items, desc="check and hash", disable=not progress, leave=False, unit="img"):
         check_image(item.path)
-        unique.setdefault(file_sha256(item.path), item)
+        unique.setdefault(sha256_file(item.path), item)
     encoder = load_model(checkpoint, device=device)
     with Gallery.open_or_create(db, model_info(checkpoint, encoder)) as gallery:
         enrolled = gallery.known(unique)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from handclip.errors import UserError
-from handclip.gallery.enrol import check_image, collect_images, file_sha256
+from handclip.fileio import sha256_file
+from handclip.gallery.enrol import check_image, collect_images
 from handclip.gallery.store import Gallery
 from handclip.search.calibration import add_likelihood_ratios, load_calibration
 from handclip.search.index import FeatureIndex
@@ -32,7 +33,7 @@ def queries_from_paths(paths) -> list[Query]:
     queries = []
     for item in collect_images(paths):
         check_image(item.path)
-        queries.append(Query(str(item.path), file_sha256(item.path), item.path))
+        queries.append(Query(str(item.path), sha256_file(item.path), item.path))
     return queries
 
 
@@ -65,7 +66,7 @@ class Searcher:
         if not path.is_file():
             raise UserError(f"{self.gallery.path}: its model {path} is not found; pass --checkpoint with that "
                             f"file (sha256 {own.checkpoint_sha256[:16]}…)")
-        self.gallery.require_checkpoint(file_sha256(path))
+        self.gallery.require_checkpoint(sha256_file(path))
         return load_model(path, device=device)
 
     @property
