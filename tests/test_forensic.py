@@ -1,5 +1,6 @@
 """handclip calibrate / compare and evaluate's verification on synthetic hands with a trained tiny
 model: files, values against independent computations, the done-when figures, and bad input."""
+import base64
 import dataclasses
 import hashlib
 import json
@@ -156,8 +157,9 @@ def test_compare_reports_lrs_that_match_the_model_and_calibrator(calibrations, t
                  "Cllr"):
         assert text in html, text
     assert html.count("data:image/jpeg;base64,") == 1 + len(references)
-    local = [src for src in re.findall(r'<img src="([^"]+)"', html) if not src.startswith("data:")]
-    assert local == ["tippett_case.png"] and (out / "tippett_case.png").is_file()
+    tippett = (out / "tippett_case.png").read_bytes()  # also embedded: the page is one file to hand on
+    assert re.findall(r'<img src="data:image/png;base64,([^"]+)"', html) == [base64.b64encode(tippett).decode()]
+    assert all(src.startswith("data:") for src in re.findall(r'<img src="([^"]+)"', html))
 
 
 def test_evaluate_reports_verification_and_saves_scores(trained, synth_root, splits_dir, tmp_path):

@@ -1,5 +1,5 @@
 """handclip serve: the API (token, upload limits, images by sha256, same results as `handclip search`,
-audit), the command's safety checks, and the page driven in headless Chromium."""
+audit, comparison reports), the command's safety checks, and the page driven in headless Chromium."""
 import base64
 import io
 import json
@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import handclip
 from handclip.cli import main
 from handclip.data.manifests import load_split
 from handclip.fileio import sha256_file
@@ -154,6 +155,68 @@ def test_calibrated_server_reports_log10_lr(gallery_db, query, tmp_path, write_c
         calibrated.close()
 
 
+@pytest.fixture
+def calibration(gallery_db, tmp_path, write_calibrator):
+    """A calibration folder for the gallery's model, with held-out LRs (the report's Tippett plot)."""
+    cal = tmp_path / "cal"
+    with Gallery.open(gallery_db) as gallery:
+        calibrator = write_calibrator(cal, gallery.model.checkpoint_sha256)
+    scores = np.random.default_rng(1).normal([[0.8], [0.3]], 0.1, (2, 50))
+    np.savez(cal / "llrs.npz", llr=calibrator.llr(scores.ravel()), same=np.repeat([True, False], 50))
+    return cal
+
+
+def report_request(client, data: bytes, candidate: str, headers=None):
+    return client.post("/api/report", files={"image": ("q.jpg", data, "image/jpeg")}, data={"candidate": candidate},
+                       headers=headers or {})
+
+
+def test_calibrated_server_exports_the_comparison_report(gallery_db, query, calibration, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the report is made: left empty
+    calibrated = Searcher(gallery_db, calibration=calibration)
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        client = TestClient(create_app(calibrated, token="s3cret"))
+        data = query.path.read_bytes()
+        calibrator = handclip.load_calibrator(calibration)
+        results = upload(client, data, top=32, headers=auth).json()["results"]  # the whole gallery
+        # the candidate with the LR nearest 1: off the bounds, where another calibrator gives another LR
+        best = min(results, key=lambda r: abs(r["log10_lr"]))
+        assert calibrator.lower + 0.1 < best["log10_lr"] < calibrator.upper - 0.1
+        assert report_request(client, data, best["sha256"]).status_code == 401
+        response = report_request(client, data, best["sha256"], headers=auth)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+        assert response.headers["content-disposition"] == (
+            f'attachment; filename="handclip-report-{sha256_file(query.path)[:12]}-{best["sha256"][:12]}.html"')
+        html = response.text
+        assert sha256_file(query.path) in html and best["sha256"] in html and "handclip comparison report" in html
+        row = re.search(rf"<tr><td>{re.escape(Path(best['image']).name)}</td><td>([^<]+)</td><td>([^<]+)"
+                        rf"</td><td>([^<]+)</td><td>([^<]+)</td></tr>", html)
+        score, log10_lr, lr, verbal = float(row[1]), float(row[2]), float(row[3]), row[4]
+        expected = float(calibrator.llr(np.array([best["score"]]))[0])
+        assert score == pytest.approx(best["score"], abs=1e-4)
+        assert log10_lr == pytest.approx(expected, abs=0.005 + 1e-6)  # printed with 2 decimals
+        assert lr == pytest.approx(10 ** expected, rel=2e-3) and verbal == best["verbal"]
+        images = re.findall(r'<img src="([^"]+)"', html)  # the questioned, the candidate, the Tippett plot
+        assert len(images) == 3 and all(src.startswith("data:image/") for src in images)
+        assert sum(src.startswith("data:image/png") for src in images) == 1
+        assert list(scratch.iterdir()) == []
+
+        assert report_request(client, data, "0" * 64, headers=auth).status_code == 404
+        assert report_request(client, b"text", best["sha256"], headers=auth).status_code == 415
+        assert list(scratch.iterdir()) == []
+    finally:
+        calibrated.close()
+
+
+def test_an_uncalibrated_server_refuses_reports(client, query):
+    best = upload(client, query.path.read_bytes(), top=1).json()["results"][0]
+    response = report_request(client, query.path.read_bytes(), best["sha256"])
+    assert response.status_code == 409 and "--calibration" in response.json()["detail"]
+
+
 def test_token_guards_the_api_not_the_page(searcher, query):
     client = TestClient(create_app(searcher, token="s3cret"))
     data = query.path.read_bytes()
@@ -215,10 +278,11 @@ def test_serve_refuses_a_busy_port_and_an_open_host_without_token(gallery_db, ca
 
 
 @pytest.fixture
-def server(gallery_db):
+def server(gallery_db, calibration):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "handclip", "serve", "--db", str(gallery_db), "--port", str(port)]
+    command = [sys.executable, "-m", "handclip", "serve", "--db", str(gallery_db), "--port", str(port),
+               "--calibration", str(calibration)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -238,7 +302,7 @@ def server(gallery_db):
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, query, tmp_path):
+def test_the_page_finds_the_true_identity_compares_side_by_side_and_exports(server, query, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=60_000)  # a loaded CI machine may take seconds for the first search
@@ -247,11 +311,12 @@ def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, quer
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch_persistent_context(
                 profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
-                viewport={"width": 1280, "height": 900})
+                viewport={"width": 1280, "height": 900}, accept_downloads=True)
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(server)
             expect(page.locator("#gallery-info")).to_contain_text("32 images")
+            expect(page.locator("#gallery-info")).to_contain_text("calibrated")
             page.set_input_files("#file", str(query.path))
             cards = page.locator("#results .card")
             expect(cards).to_have_count(20)
@@ -259,6 +324,7 @@ def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, quer
             assert query.identity in identities
             match = page.locator(f'#results .card[data-identity="{query.identity}"]').first
             expect(match.locator("img")).to_have_attribute("src", re.compile(r"^blob:"))
+            match_sha256 = match.get_attribute("data-sha256")
             match.click()
             expect(page.locator("#compare")).to_be_visible()
             expect(page.locator("#compare-caption")).to_contain_text(query.identity)
@@ -269,6 +335,11 @@ def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, quer
             expect(page.locator("#compare-candidate")).to_have_attribute("src", re.compile(r"^data:image/jpeg"))
             expect(page.locator("#compare-query")).to_have_attribute("src", re.compile(r"^data:image/jpeg"))
             expect(page.locator("#heatmap-note")).to_be_visible()
+            with page.expect_download() as download:
+                page.click("#export")
+            report = tmp_path / download.value.suggested_filename
+            download.value.save_as(report)
+            expect(page.locator("#export-status")).to_contain_text(f"downloaded: {report.name}")
             page.screenshot(path=str(tmp_path / "compare.png"))
             page.keyboard.press("Escape")
             expect(page.locator("#compare")).to_be_hidden()
@@ -276,3 +347,5 @@ def test_the_page_finds_the_true_identity_and_compares_side_by_side(server, quer
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert (tmp_path / "compare.png").stat().st_size > 0
+    html = report.read_text()
+    assert sha256_file(query.path) in html and match_sha256 in html and "handclip comparison report" in html

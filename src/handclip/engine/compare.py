@@ -26,11 +26,23 @@ def run_compare(checkpoint, calibration, questioned, references, out, device: st
     calibrator of ``calibration`` and write ``out/comparison.json`` and ``out/report.html``.
     A calibrator made for another checkpoint, an unreadable image or a NaN score: ``UserError``,
     nothing written."""
-    checkpoint, calibration, out = Path(checkpoint), Path(calibration), Path(out)
+    out = Path(out)
+    check_replaceable(out, "comparison.json")
+    comparison = compare(checkpoint, calibration, questioned, references, device=device)
+    write_comparison(out, comparison, calibration)
+    print(format_comparison(comparison))
+    if not quiet:
+        print(f"report: {out / 'report.html'}")
+    return comparison
+
+
+def compare(checkpoint, calibration, questioned, references, device: str = "auto", encoder=None) -> dict:
+    """comparison.json's record for ``questioned`` against every reference. ``encoder``: the model of
+    ``checkpoint`` already loaded (``handclip serve``'s), else it is loaded on ``device``."""
+    checkpoint, calibration = Path(checkpoint), Path(calibration)
     questioned, references = Path(questioned), [Path(r) for r in references]
     if not references:
         raise UserError("compare needs at least one REFERENCE image")
-    check_replaceable(out, "comparison.json")
     calibrator = load_calibrator(calibration)
     checkpoint_sha = _checkpoint_sha256(checkpoint)
     if calibrator.checkpoint_sha256 != checkpoint_sha:
@@ -39,18 +51,21 @@ def run_compare(checkpoint, calibration, questioned, references, out, device: st
                         f"run `handclip calibrate` for this checkpoint")
     for image in [questioned, *references]:
         read_image(image)  # an unreadable file fails here, before the model loads
-    features = load_model(checkpoint, device=device).encode([questioned, *references]).double()
+    if encoder is None:
+        encoder = load_model(checkpoint, device=device)
+    features = encoder.encode([questioned, *references]).double()
     scores = (features[1:] @ features[0]).numpy()
     if not np.isfinite(scores).all():
         raise UserError(f"{checkpoint}: the model gives NaN or infinite similarity scores (broken weights?)")
-    comparison = comparison_record(checkpoint, checkpoint_sha, calibration, calibrator, questioned, references, scores)
+    return comparison_record(checkpoint, checkpoint_sha, calibration, calibrator, questioned, references, scores)
+
+
+def write_comparison(out, comparison: dict, calibration) -> None:
+    """``out/comparison.json`` and ``out/report.html`` (with the case on the Tippett plot of the
+    calibration's held-out LRs, where ``calibration`` has them), replacing ``out`` whole."""
     with atomic_directory(out) as tmp:
         atomic_write_json(tmp / "comparison.json", comparison)
-        write_case_report(tmp, comparison, _held_out_llrs(calibration))
-    print(format_comparison(comparison))
-    if not quiet:
-        print(f"report: {out / 'report.html'}")
-    return comparison
+        write_case_report(tmp, comparison, _held_out_llrs(Path(calibration)))
 
 
 def comparison_record(checkpoint: Path, checkpoint_sha: str, calibration: Path, calibrator, questioned: Path,

@@ -1,6 +1,7 @@
 """The calibration's ``validation.html`` and a case's ``report.html``: offline pages in the style
-of ``report.html`` (plots as PNG files beside the page; the case's photos embedded as data URIs,
-since they live outside the case folder)."""
+of ``report.html``. validation.html shows plots as PNG files beside the page; report.html is one
+self-contained file to hand on (the case's photos and its Tippett plot embedded as data URIs; the
+plot is also left beside it as a PNG)."""
 from __future__ import annotations
 
 import base64
@@ -94,7 +95,7 @@ def write_case_report(out_dir, comparison: dict, held_out: tuple[np.ndarray, np.
         tippett = plot_tippett(*held_out, out_dir / "tippett_case.png", case_llrs=[r["log10_lr"] for r in rows],
                                title="This case on the validation Tippett plot")
         parts += ["<h2>This case among the validation comparisons</h2>",
-                  _figure(out_dir, "dashed: this case's log10 LRs", tippett.relative_to(out_dir))]
+                  _embedded_figure("dashed: this case's log10 LRs", tippett)]
     parts += ["<h2>Validation of the calibrator</h2>", _validation_table(comparison),
               "<h2>What the LR does not say</h2>", "<ul>" + "".join(f"<li>{_text(t)}</li>" for t in LIMITS) + "</ul>",
               "<h2>Audit</h2>", _audit_table(comparison)]
@@ -109,6 +110,11 @@ def _photos(comparison: dict) -> str:
                       for label, path in items)
     note = '<p class="note">Display copies; the audit lists the sha256 of the original files.</p>'
     return f'<div class="pair">{figures}</div>{note}'
+
+
+def _embedded_figure(caption: str, png: Path) -> str:
+    uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+    return f'<figure><img src="{uri}" alt="{_text(caption)}"><figcaption>{_text(caption)}</figcaption></figure>'
 
 
 def _data_uri(path) -> str:

@@ -39,7 +39,8 @@ def queries_from_paths(paths) -> list[Query]:
 
 class Searcher:
     """A gallery opened for searching. ``checkpoint`` overrides where the gallery's model is read
-    from (it must be the same file by sha256); ``calibration`` is a calibration folder."""
+    from (it must be the same file by sha256); ``calibration`` is a calibration folder. Both paths
+    are kept (``.checkpoint``, ``.calibration``) for comparison reports of the same model."""
 
     def __init__(self, db: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                  calibration: str | os.PathLike | None = None, device: str = "cpu", backend: str = "auto"):
@@ -47,6 +48,7 @@ class Searcher:
         try:
             self.encoder = self._load_model(checkpoint, device)
             self.calibrator = load_calibration(calibration, self.gallery.model.checkpoint_sha256)
+            self.calibration = Path(calibration) if calibration is not None else None
         except BaseException:
             self.gallery.close()
             raise
@@ -67,6 +69,7 @@ class Searcher:
             raise UserError(f"{self.gallery.path}: its model {path} is not found; pass --checkpoint with that "
                             f"file (sha256 {own.checkpoint_sha256[:16]}…)")
         self.gallery.require_checkpoint(sha256_file(path))
+        self.checkpoint = path
         return load_model(path, device=device)
 
     @property

@@ -4,7 +4,8 @@ Safety: every ``/api/`` request needs ``Authorization: Bearer TOKEN`` when the a
 page itself and the OpenAPI docs hold no data and load without it); uploads are limited to
 :data:`MAX_UPLOAD_BYTES`, must decode with Pillow as one of :data:`IMAGE_FORMATS` within Pillow's
 decompression-bomb pixel limit; gallery images are served by sha256 only, and only while the file on
-disk still has that sha256; every search is appended to the gallery's audit table.
+disk still has that sha256; every search is appended to the gallery's audit table. A comparison
+report is made in a temporary folder that is removed before the response is sent.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import io
 import mimetypes
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,12 @@ def decode_upload(data: bytes, size: int | None = None):
         raise UploadRejected(415, "the image cannot be decoded (truncated or corrupt)") from None
 
 
+def upload_file_name(name: str | None) -> str:
+    """A safe file name for an upload saved for ``handclip compare`` (it names the photo in the report)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "").name).lstrip(".")[-100:]
+    return cleaned or "questioned"
+
+
 def image_data_url(image: Image.Image, longest: int = OVERLAY_SIZE) -> str:
     image = image.copy()
     image.thumbnail((longest, longest))
@@ -79,7 +87,7 @@ def image_data_url(image: Image.Image, longest: int = OVERLAY_SIZE) -> str:
 
 def create_app(searcher: Searcher, token: str | None = None):
     """The FastAPI app: ``/`` (the page), ``/api/info``, ``POST /api/search``, ``/api/images/{sha256}``,
-    ``/api/gallery/{sha256}``, ``POST /api/explain``; OpenAPI docs at ``/docs``."""
+    ``/api/gallery/{sha256}``, ``POST /api/explain``, ``POST /api/report``; OpenAPI docs at ``/docs``."""
     def authorised(request: Request) -> None:
         if token is None:
             return
@@ -181,6 +189,41 @@ def create_app(searcher: Searcher, token: str | None = None):
             result = explain_pair(searcher.encoder, query, candidate_image)
         return {"score": result["score"], "query_overlay": image_data_url(overlay(query, result["heatmap_a"])),
                 "candidate_overlay": image_data_url(overlay(candidate_image, result["heatmap_b"]))}
+
+    @api.post("/report", response_class=Response)
+    def report(image: UploadFile = File(..., description="the questioned photo"),
+               candidate: str = Form(..., description="sha256 of a gallery image")):
+        """``handclip compare``'s report.html for the questioned photo against one candidate: one
+        self-contained HTML file (photos and Tippett plot embedded) to download. Needs a server
+        started with ``--calibration`` (409 otherwise)."""
+        from handclip.engine.compare import compare, write_comparison
+
+        if not searcher.calibrated:
+            raise HTTPException(409, "comparison reports need likelihood ratios: start handclip serve with "
+                                     "--calibration CAL_DIR (a calibrator of `handclip calibrate` for this model)")
+        data = image.file.read(MAX_UPLOAD_BYTES + 1)
+        try:
+            decode_upload(data)
+        except UploadRejected as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        reference = enrolled_file(candidate)[0]
+        with tempfile.TemporaryDirectory(prefix="handclip-serve-upload-") as tmp:
+            questioned = Path(tmp) / "upload" / upload_file_name(image.filename)
+            questioned.parent.mkdir()
+            questioned.write_bytes(data)
+            try:
+                with searcher.lock:  # the shared model, as for a search
+                    comparison = compare(searcher.checkpoint, searcher.calibration, questioned, [reference],
+                                         encoder=searcher.encoder)
+                if comparison["comparisons"][0]["sha256"] != candidate:
+                    raise HTTPException(410, "the enrolled file has changed since enrolment")
+                write_comparison(Path(tmp) / "case", comparison, searcher.calibration)
+            except UserError as exc:
+                raise HTTPException(409, str(exc)) from None
+            page = (Path(tmp) / "case" / "report.html").read_bytes()
+        name = f"handclip-report-{comparison['questioned']['sha256'][:12]}-{candidate[:12]}.html"
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     app.include_router(api)
     return app

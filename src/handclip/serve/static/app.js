@@ -36,6 +36,7 @@ async function loadInfo() {
   }
   $("token-form").hidden = true;
   const i = state.info;
+  $("export").hidden = !i.calibrated;
   $("gallery-info").textContent = `${i.images.toLocaleString()} images · ${i.identities.toLocaleString()} identities · ` +
     `model ${i.checkpoint_sha256.slice(0, 12)} · ${i.calibrated ? "calibrated: likelihood ratios shown" : "scores uncalibrated"}`;
 }
@@ -173,6 +174,7 @@ async function openCompare(index) {
   $("compare-title").textContent = `Candidate #${result.rank} of ${results.length}`;
   $("compare-caption").textContent = `Candidate #${result.rank}: ${result.identity ?? "no identity"}`;
   $("compare-candidate").removeAttribute("src");
+  setExportStatus("");
   const base = [["Score (cosine similarity)", result.score.toFixed(4)], ["Likelihood ratio", lrText(result)],
                 ["Identity", result.identity ?? "none"]];
   factRows([...base, ["Candidate sha256", result.sha256, true], ["Query sha256", state.entry.sha256, true]]);
@@ -185,6 +187,35 @@ async function openCompare(index) {
               ["Query sha256", state.entry.sha256, true]]);
   } catch (error) {
     setStatus(error.message, true);
+  }
+}
+
+function setExportStatus(text, isError = false) {
+  $("export-status").textContent = text;
+  $("export-status").classList.toggle("error", isError);
+  $("export-status").hidden = !text;
+}
+
+async function exportReport() {
+  const result = state.entry.results[state.current];
+  const form = new FormData();
+  form.append("image", state.file, state.file.name);
+  form.append("candidate", result.sha256);
+  setExportStatus(`Making the comparison report for candidate #${result.rank}…`);
+  $("export").disabled = true;
+  try {
+    const response = await api("report", { method: "POST", body: form });
+    const name = /filename="([^"]+)"/.exec(response.headers.get("content-disposition") || "");
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = name ? name[1] : "handclip-report.html";
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+    setExportStatus(`Comparison report of candidate #${result.rank} downloaded: ${link.download}`);
+  } catch (error) {
+    setExportStatus(`No report: ${error.message}`, true);
+  } finally {
+    $("export").disabled = false;
   }
 }
 
@@ -209,6 +240,7 @@ function setUp() {
   $("prev").addEventListener("click", () => openCompare(state.current - 1));
   $("next").addEventListener("click", () => openCompare(state.current + 1));
   $("close").addEventListener("click", closeCompare);
+  $("export").addEventListener("click", exportReport);
   $("heatmaps").addEventListener("change", () => {
     if (state.current >= 0) showImages(state.entry.results[state.current], state.current).catch((e) => setStatus(e.message, true));
   });
