@@ -30,7 +30,7 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def splits_dir(synth_root):
     """The published protocol on the synthetic set, 3 splits."""
-    from handclip.data.protocols import prepare_11k
+    from handclip.data.prepare import prepare_11k
 
     out = synth_root / "splits"
     prepare_11k(root=synth_root, out=out, seed=0, num_splits=3)

@@ -9,7 +9,7 @@ import pytest
 
 from handclip.cli import main
 from handclip.data.manifests import load_split
-from handclip.data.protocols import prepare_hd
+from handclip.data.prepare import prepare_hd
 from handclip.engine.evaluation import (EvaluateOptions, build_encoders, build_protocols, evaluate_protocol,
                                         uses_flip)
 from handclip.errors import UserError

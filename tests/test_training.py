@@ -213,7 +213,7 @@ def test_cross_aspect_training_leaves_out_subjects_tested_in_any_aspect(synth_ro
     import shutil
 
     from handclip.data.manifests import load_split
-    from handclip.engine.training_data import load_training_data
+    from handclip.data.training import load_training_data
 
     splits = tmp_path / "splits"
     shutil.copytree(splits_dir, splits)

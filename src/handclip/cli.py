@@ -14,10 +14,9 @@ from handclip.errors import UserError
 
 
 def _prepare(args):
-    from handclip.data.protocols import format_summary, prepare_11k, prepare_hd
+    from handclip.data.prepare import PREPARERS, format_summary
 
-    prepare = prepare_11k if args.dataset == "11k" else prepare_hd
-    result = prepare(
+    result = PREPARERS[args.dataset](
         root=args.root,
         out=args.out,
         seed=args.seed,
@@ -179,6 +178,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from handclip.hand_datasets import HAND_DATASETS
     from handclip.published import PROTOCOLS
 
     parser = _Parser(prog="handclip", description=__doc__.splitlines()[0])
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="write the published split protocol as CSV manifests")
-    p.add_argument("dataset", choices=["11k", "hd"])
+    p.add_argument("dataset", choices=list(HAND_DATASETS))
     p.add_argument("--root", required=True, type=Path, help="dataset download folder")
     p.add_argument("--out", type=Path, help="splits folder (default ROOT/splits)")
     p.add_argument("--seed", type=int, default=0)

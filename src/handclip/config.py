@@ -15,8 +15,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from handclip.errors import UserError
-
-from handclip.data.aspects import ALL_ASPECTS
+from handclip.hand_datasets import ALL_ASPECTS
 
 
 @dataclass

@@ -5,8 +5,6 @@ Every image that any split of a protocol needs is encoded once; splits only inde
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,16 +12,15 @@ import numpy as np
 import torch
 
 from handclip.config import ModelConfig
-from handclip.data.aspects import ASPECT_HD, ASPECTS_11K
 from handclip.data.datasets import ImageDataset
-from handclip.data.manifests import Sample, count_splits, load_split
+from handclip.data.manifests import Sample, aspects_with_splits, count_splits, load_split
 from handclip.engine.checkpoint import load_model
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
 from handclip.engine.overlap import check_subject_overlap
-from handclip.engine.training_data import identity_key
+from handclip.data.training import identity_key
 from handclip.errors import UserError
-from handclip.fileio import atomic_write_json, atomic_write_text
+from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
     VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
 from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
@@ -159,7 +156,7 @@ def build_protocols(options: EvaluateOptions) -> list[Protocol]:
         return [cross_aspect_protocol(data_root, splits, options.query_aspect, options.gallery_aspect,
                                       options.num_splits)]
     if options.all_aspects:
-        aspects = [a for a in ASPECTS_11K + (ASPECT_HD,) if _has_aspect(splits, a)]
+        aspects = aspects_with_splits(splits)
         if not aspects:
             raise UserError(f"{splits}: no aspect has splits here (run `handclip prepare` first)")
     elif options.aspect:
@@ -168,13 +165,6 @@ def build_protocols(options: EvaluateOptions) -> list[Protocol]:
         raise UserError("evaluate needs --aspect A, --all-aspects, or --query-aspect/--gallery-aspect")
     return [same_aspect_protocol(data_root, splits, a, options.num_splits,
                                  options.gallery_all or a in rule.gallery_all_aspects) for a in aspects]
-
-
-def _has_aspect(splits: Path, aspect: str) -> bool:
-    try:
-        return count_splits(splits, aspect) > 0
-    except UserError:
-        return False
 
 
 def _num_splits(splits: Path, aspect: str, wanted: int | None) -> int:
@@ -316,18 +306,16 @@ def write_results(out: Path, result: dict) -> None:
 
 
 def _write_csv(path: Path, results: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["aspect", "split", *METRIC_KEYS, "num_queries", *VERIFICATION_KEYS])
+    rows = []
     for result in results:
         verification = result["verification"]
         for i, split in enumerate(result["splits"]):
-            writer.writerow([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"],
-                             *_verification_cells(verification["splits"][i])])
+            rows.append([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"],
+                         *_verification_cells(verification["splits"][i])])
         for stat in ("mean", "std"):
-            writer.writerow([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
-                             f"{result[stat]['num_queries']:.1f}", *_verification_cells(verification[stat])])
-    atomic_write_text(path, buffer.getvalue())
+            rows.append([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
+                         f"{result[stat]['num_queries']:.1f}", *_verification_cells(verification[stat])])
+    atomic_write_csv(path, ["aspect", "split", *METRIC_KEYS, "num_queries", *VERIFICATION_KEYS], rows)
 
 
 def _verification_cells(metrics: dict | None) -> list[str]:

@@ -38,7 +38,7 @@ from handclip.engine.checkpoint import (FROZEN_TEXT_PREFIX, checkpoint_architect
 from handclip.engine.encoder import Encoder, autocast, resolve_device
 from handclip.engine.features import extract_features
 from handclip.engine.schedule import build_optimizer, build_scheduler
-from handclip.engine.training_data import TrainingData, identity_key, load_training_data
+from handclip.data.training import TrainingData, identity_key, load_training_data
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json, atomic_write_text
 from handclip.losses.combined import ReIDLoss
