@@ -40,7 +40,7 @@ def splits_dir(synth_root):
 @pytest.fixture(scope="session")
 def tiny_run(synth_root, splits_dir, tmp_path_factory):
     """A tiny-vit run trained for 2 epochs on dorsal_r: a real checkpoint for evaluation tests."""
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     os.environ["HANDCLIP_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "image-cache")
     out = tmp_path_factory.mktemp("runs") / "tiny"

@@ -64,7 +64,7 @@ def _overrides(args) -> dict:
 
 
 def _train(args):
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     run_training(
         config_path=args.config,
@@ -179,6 +179,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from handclip.hand_datasets import HAND_DATASETS
+    from handclip.metrics import RERANK_K1, RERANK_K2, RERANK_LAMBDA
     from handclip.published import PROTOCOLS
 
     parser = _Parser(prog="handclip", description=__doc__.splitlines()[0])
@@ -239,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--flip", action="store_true", help="add horizontally flipped images' features")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--k1", type=int, default=20)
-    p.add_argument("--k2", type=int, default=6)
-    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    p.add_argument("--k1", type=int, default=RERANK_K1)
+    p.add_argument("--k2", type=int, default=RERANK_K2)
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=RERANK_LAMBDA)
     p.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
     p.add_argument("--fusion", choices=["score", "feature"], default="score")
     p.add_argument("--batch-size", type=int, default=128)

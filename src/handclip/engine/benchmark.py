@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from handclip.config import Config, config_to_dict, load_config
-from handclip.hand_datasets import ALL_ASPECTS, DATASET_OF_ASPECT, HAND_DATASETS, dataset_of
 from handclip.data.manifests import count_splits
 from handclip.data.prepare import PREPARERS
 from handclip.engine.evaluation import EvaluateOptions, run_evaluate
-from handclip.engine.trainer import RUN_FILE, RunPaths, run_training
+from handclip.engine.run import RunFolder
+from handclip.engine.train import run_training
 from handclip.errors import UserError
 from handclip.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from handclip.hand_datasets import ALL_ASPECTS, DATASET_OF_ASPECT, HAND_DATASETS, dataset_of
 from handclip.published import AP_METRIC, PROTOCOLS, for_aspect
 
 PROTOCOL = "published"
@@ -115,7 +116,7 @@ def _dataset(options: BenchmarkOptions, aspect: str) -> Dataset:
     root = Path(root)
     missing = [name for name in dataset.root_entries if not (root / name).exists()]
     if missing:
-        raise UserError(f"{flag} {root}: no {' or '.join(missing)} there (not a {dataset.title} download)")
+        raise UserError(f"{flag} {root}: no {' or '.join(missing)} there (not a download of {dataset.title})")
     return Dataset(dataset.name, root.resolve())
 
 
@@ -157,20 +158,20 @@ def _read_json(path: Path) -> dict:
 def _train_and_evaluate(aspect: str, dataset: Dataset, config: Config, options: BenchmarkOptions,
                         clock: PhaseClock) -> dict:
     out = Path(options.out)
-    run, evaluation = out / "runs" / aspect, out / "eval" / aspect
+    run, evaluation = RunFolder(out / "runs" / aspect), out / "eval" / aspect
     results = evaluation / "results.json"
     if results.exists():
         return _read_json(results)
     with clock.phase(f"train_{aspect}"):
-        if (run / "config.yaml").exists() and (run / RUN_FILE).exists():
-            run_training(resume=run, overrides={"train.device": options.device}, quiet=options.quiet)
+        if run.is_run():
+            run_training(resume=run.root, overrides={"train.device": options.device}, quiet=options.quiet)
         else:
             overrides = dict(options.overrides, **{"data.aspects": [aspect], "train.device": options.device})
             run_training(config_path=options.config, overrides=overrides, data_root=dataset.root,
-                         splits=dataset.splits, out=run, quiet=options.quiet)
+                         splits=dataset.splits, out=run.root, quiet=options.quiet)
     with clock.phase(f"evaluate_{aspect}"), atomic_directory(evaluation) as staging:
         run_evaluate(EvaluateOptions(data_root=dataset.root, splits=dataset.splits, out=staging, aspect=aspect,
-                                     checkpoints=[RunPaths(run).best], protocol=PROTOCOL,
+                                     checkpoints=[run.best], protocol=PROTOCOL,
                                      num_splits=options.num_splits, batch_size=config.train.eval_batch_size,
                                      device=options.device, quiet=options.quiet))
     return _read_json(results)

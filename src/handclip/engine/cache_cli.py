@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from handclip.hand_datasets import ALL_ASPECTS
 from handclip.data.cache import ImageCache, cache_key, default_cache_dir
 from handclip.data.manifests import aspects_with_splits
-from handclip.engine.evaluation import same_aspect_protocol
 from handclip.data.training import load_training_data
+from handclip.engine.evaluation import same_aspect_protocol
+from handclip.engine.state import input_size_of_stored
 from handclip.errors import UserError
+from handclip.hand_datasets import ALL_ASPECTS
 
 
 def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, size: int = 256,
@@ -46,7 +47,7 @@ def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, 
 
 def image_lists(data_root, splits, aspect: str, size: int) -> list[tuple[str, list[Path], int]]:
     """(name, ordered image paths, stored side) of each cache that train and evaluate read."""
-    image_size = round(size * 7 / 8)
+    image_size = input_size_of_stored(size)
     training = [s.path for s in load_training_data(data_root, splits, [aspect]).samples]
     lists = [("train+val", training, size), ("train+val, validation", training, image_size),
              ("test", _paths(same_aspect_protocol(data_root, splits, aspect, None, gallery_all=False)), image_size)]

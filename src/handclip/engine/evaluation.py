@@ -18,12 +18,14 @@ from handclip.engine.checkpoint import load_model
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
 from handclip.engine.overlap import check_subject_overlap
+from handclip.engine.run import RunFolder
 from handclip.data.training import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
     VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
-from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
+from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, evaluate_ranking, k_reciprocal_rerank,
+                              pairwise_distance)
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
@@ -47,9 +49,9 @@ class EvaluateOptions:
     num_splits: int | None = None
     flip: bool = False
     rerank: bool = False
-    rerank_k1: int = 20
-    rerank_k2: int = 6
-    rerank_lambda: float = 0.3
+    rerank_k1: int = RERANK_K1
+    rerank_k2: int = RERANK_K2
+    rerank_lambda: float = RERANK_LAMBDA
     distance: str = "cosine"
     fusion: str = "score"
     batch_size: int = 128
@@ -131,7 +133,7 @@ def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None, q
                          embedding="proj", neck="none", head="global")
     with torch.random.fork_rng():  # random-init weights (pretrained none) are the same every run
         torch.manual_seed(0)
-        return build_reid_model(config, num_classes=0)
+        return build_reid_model(config, num_classes=0).eval()
 
 
 # ---- protocols ------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:
-    dataset = ImageDataset(images, None, size=encoder.image_size, cache=True, progress=not options.quiet)
+    dataset = ImageDataset(images, size=encoder.image_size, cache=True, progress=not options.quiet)
     return extract_features(encoder, dataset, batch_size=options.batch_size, flip=uses_flip(options),
                             progress=not options.quiet, desc="encode test images")
 
@@ -346,6 +348,6 @@ def write_summary_report(out: Path, protocols: list[Protocol], results: list[dic
 def write_pictures(out: Path, protocol: Protocol, ranking: Ranking, result: dict, options: EvaluateOptions) -> None:
     from handclip.engine.report_writer import write_evaluation_report
 
-    history = [p.parent.parent / "history.csv" for p in options.checkpoints]
+    history = [RunFolder.of_checkpoint(p).history for p in options.checkpoints]
     write_evaluation_report(out, protocol, ranking, result, history_csvs=[h for h in history if h.exists()],
                             show_queries=options.show_queries)
