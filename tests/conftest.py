@@ -84,3 +84,21 @@ def make_photos(tmp_path):
             Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(path)
         return [PhotoSample(p) for p in paths]
     return make
+
+
+@pytest.fixture
+def write_calibrator():
+    """Writes a real logistic calibrator, fit on separable synthetic scores, as `handclip calibrate`
+    saves it, for the checkpoint of sha256 ``checkpoint_sha256``; returns the calibrator."""
+    from handclip.fileio import atomic_write_json
+    from handclip.forensic.calibration import fit_calibrator
+
+    def write(cal_dir, checkpoint_sha256):
+        rng = np.random.default_rng(0)
+        scores = np.concatenate([rng.normal(0.8, 0.1, 200), rng.normal(0.3, 0.1, 200)])
+        calibrator = fit_calibrator("logistic", scores, np.r_[np.ones(200), np.zeros(200)])
+        calibrator.info["checkpoint"] = {"sha256": checkpoint_sha256}
+        atomic_write_json(cal_dir / "calibrator.json", calibrator.to_dict())
+        return calibrator
+
+    return write

@@ -168,6 +168,52 @@ def _cache_build(args):
     )
 
 
+def _gallery_add(args):
+    from handclip.gallery import collect_images, enrol, read_manifest
+
+    if bool(args.manifest) != bool(args.data):
+        raise UserError("gallery add: --manifest CSV and --data ROOT go together")
+    items = collect_images(args.paths) + (read_manifest(args.manifest, args.data) if args.manifest else [])
+    summary = enrol(args.db, args.checkpoint, items, batch_size=args.batch_size, device=args.device,
+                    progress=not args.quiet)
+    print(f"added {summary['added']} images, skipped {summary['skipped']} already enrolled; "
+          f"{args.db} holds {summary['images']}")
+
+
+def _gallery_info(args):
+    import json
+
+    from handclip.gallery import Gallery, format_info
+
+    with Gallery.open(args.db) as gallery:
+        info = gallery.info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def _gallery_remove(args):
+    from handclip.gallery import Gallery
+
+    with Gallery.open(args.db) as gallery:
+        removed = gallery.remove(identity=args.identity, sha256=args.image)
+    print(f"removed {removed} images from {args.db}")
+
+
+def _search(args):
+    from handclip.search import run_search
+
+    results = run_search(args.db, args.queries, args.out, top=args.top, calibration=args.calibration,
+                         checkpoint=args.checkpoint, device=args.device)
+    print(f"searched {len(results['queries'])} queries; results: {args.out / 'results.json'}, "
+          f"{args.out / 'results.html'}")
+
+
+def _serve(args):
+    from handclip.serve import run_server
+
+    run_server(args.db, host=args.host, port=args.port, token=args.token, calibration=args.calibration,
+               checkpoint=args.checkpoint, device=args.device)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end like every other user error: one ``handclip: error:`` line, exit code 2
     (argparse's own error prints the usage first)."""
@@ -175,6 +221,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         command = self.prog.removeprefix("handclip").strip()
         self.exit(2, f"handclip: error: {command + ': ' if command else ''}{message}\n")
+
+
+def _explain(args):
+    from handclip.explain.writer import write_explanation
+
+    summary = write_explanation(args.checkpoint, args.query, args.candidate, args.out, device=args.device)
+    print(f"score {summary['score']:.4f}; wrote heatmaps and explanation.json to {args.out}")
+
+
+def _export(args):
+    from handclip.engine.export import export_onnx
+
+    metadata = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {args.out} and {args.out}.json: uint8 (N, 3, {metadata['input_size']}, {metadata['input_size']}) "
+          f"→ {metadata['feature_size']}-d L2-normalised features")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,6 +384,64 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", type=int, default=256, help="stored side length")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(handler=_cache_build)
+    p = sub.add_parser("gallery", help="the gallery of known hands (an SQLite file)")
+    gallery_sub = p.add_subparsers(dest="gallery_command", required=True)
+    g = gallery_sub.add_parser("add", help="enrol image files, folders or a split manifest")
+    g.add_argument("--db", required=True, type=Path, help="gallery file (created if new)")
+    g.add_argument("--checkpoint", required=True, type=Path)
+    g.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="image files and folders")
+    g.add_argument("--manifest", type=Path, metavar="CSV", help="image,identity,aspect[,metadata...] rows")
+    g.add_argument("--data", type=Path, metavar="ROOT", help="dataset root the manifest's image paths start from")
+    g.add_argument("--batch-size", type=int, default=64, help="images per encoding batch and transaction")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(handler=_gallery_add)
+    g = gallery_sub.add_parser("info", help="counts, the model, when it was made")
+    g.add_argument("--db", required=True, type=Path)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(handler=_gallery_info)
+    g = gallery_sub.add_parser("remove", help="remove an identity or one image")
+    g.add_argument("--db", required=True, type=Path)
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--identity", metavar="ID")
+    what.add_argument("--image", metavar="SHA256")
+    g.set_defaults(handler=_gallery_remove)
+
+    p = sub.add_parser("search", help="rank a gallery for questioned images")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("queries", nargs="+", type=Path, metavar="QUERY", help="image files and folders")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--calibration", type=Path, metavar="CAL_DIR", help="report log10 likelihood ratios")
+    p.add_argument("--checkpoint", type=Path, help="the gallery's model file, if it has moved (same sha256)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_search)
+
+    p = sub.add_parser("serve", help="a local web page to search the gallery")
+    p.add_argument("--db", required=True, type=Path)
+    p.add_argument("--calibration", type=Path, metavar="CAL_DIR", help="show likelihood ratios")
+    p.add_argument("--host", default="127.0.0.1", help="any other address than 127.0.0.1 needs --token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="required as 'Authorization: Bearer TOKEN' by every /api/ request")
+    p.add_argument("--checkpoint", type=Path, help="the gallery's model file, if it has moved (same sha256)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=_serve)
+
+
+
+    p = sub.add_parser("explain", help="heatmaps of the regions that make two hand photos similar")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("query", type=Path)
+    p.add_argument("candidate", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="folder for the overlays, maps and explanation.json")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_explain)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (uint8 images in, normalised features out)")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file; its metadata goes to OUT.json")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    p.set_defaults(handler=_export)
     return parser
 
 

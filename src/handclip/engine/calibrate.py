@@ -11,7 +11,6 @@ casework is then fit on every pair.
 from __future__ import annotations
 
 import datetime
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpo
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
 from handclip.errors import UserError
-from handclip.fileio import atomic_directory, atomic_write_json
+from handclip.fileio import atomic_directory, atomic_write_json, sha256_file
 from handclip.forensic.calibration import METHODS, cross_validated_llr, fit_calibrator, subject_folds
 from handclip.forensic.validation import validation_summary
 from handclip.report.forensic_html import write_validation_report
@@ -150,7 +149,7 @@ def check_pair_counts(same: np.ndarray) -> None:
 def calibration_info(options: CalibrateOptions, pairs: CalibrationPairs) -> dict:
     """What calibrator.json records besides the fit: the checkpoint, the score, counts, provenance."""
     return {
-        "checkpoint": {"path": str(options.checkpoint), "sha256": file_sha256(options.checkpoint)},
+        "checkpoint": {"path": str(options.checkpoint), "sha256": sha256_file(options.checkpoint)},
         "score": "cosine similarity of handclip.load_model(checkpoint).encode features",
         "counts": {"images": len(pairs.samples), "subjects": len({s.identity for s in pairs.samples}),
                    "pairs": int(len(pairs.same)), "same_source": int(pairs.same.sum()),
@@ -161,14 +160,6 @@ def calibration_info(options: CalibrateOptions, pairs: CalibrationPairs) -> dict
                        "handclip_version": __version__,
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     }
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def format_validation(validation: dict) -> str:

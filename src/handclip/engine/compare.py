@@ -10,7 +10,8 @@ import numpy as np
 
 from handclip import __version__
 from handclip.data.images import read_image
-from handclip.engine.calibrate import check_replaceable, file_sha256
+from handclip.engine.calibrate import check_replaceable
+from handclip.fileio import sha256_file
 from handclip.engine.checkpoint import load_model
 from handclip.errors import UserError
 from handclip.fileio import atomic_directory, atomic_write_json
@@ -57,14 +58,14 @@ def comparison_record(checkpoint: Path, checkpoint_sha: str, calibration: Path, 
     """comparison.json: per reference the score, bounded log10 LR, LR and verbal equivalent, with the
     propositions, the scale's source, the validation figures and what an audit needs."""
     return {
-        "questioned": {"image": str(questioned), "sha256": file_sha256(questioned)},
+        "questioned": {"image": str(questioned), "sha256": sha256_file(questioned)},
         "comparisons": [_comparison(reference, score, llr, calibrator)
                         for reference, score, llr in zip(references, scores, calibrator.llr(scores))],
         "propositions": {"same_source": SAME_SOURCE, "different_source": DIFFERENT_SOURCE},
         "score": "cosine similarity of handclip.load_model(checkpoint).encode features",
         "verbal_scale": {"source": ENFSI_SCALE_SOURCE, "bands": scale_table()},
         "checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha},
-        "calibrator": {"path": str(calibration), "sha256": file_sha256(_calibrator_file(calibration)),
+        "calibrator": {"path": str(calibration), "sha256": sha256_file(_calibrator_file(calibration)),
                        "method": calibrator.method, "log10_lr_bounds": [calibrator.lower, calibrator.upper],
                        "counts": calibrator.info.get("counts"), "provenance": calibrator.info.get("provenance")},
         "validation": _validation(calibration),
@@ -74,7 +75,7 @@ def comparison_record(checkpoint: Path, checkpoint_sha: str, calibration: Path, 
 
 
 def _comparison(reference: Path, score: float, llr: float, calibrator) -> dict:
-    return {"reference": str(reference), "sha256": file_sha256(reference), "score": float(score),
+    return {"reference": str(reference), "sha256": sha256_file(reference), "score": float(score),
             "log10_lr": float(llr), "lr": float(10.0 ** llr), "verbal": verbal_equivalent(llr),
             "at_bound": bool(llr <= calibrator.lower or llr >= calibrator.upper)}
 
@@ -82,7 +83,7 @@ def _comparison(reference: Path, score: float, llr: float, calibrator) -> dict:
 def _checkpoint_sha256(checkpoint: Path) -> str:
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint not found")
-    return file_sha256(checkpoint)
+    return sha256_file(checkpoint)
 
 
 def _calibrator_file(calibration: Path) -> Path:

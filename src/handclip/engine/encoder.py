@@ -84,14 +84,16 @@ class Encoder:
             chunks = [self.embed_uint8(images[i:i + batch_size], flip) for i in range(0, len(images), batch_size)]
         else:
             images = list(images)
-            chunks = [self.embed_uint8(self._to_uint8(images[i:i + batch_size]), flip)
+            chunks = [self.embed_uint8(self.to_uint8(images[i:i + batch_size]), flip)
                       for i in range(0, len(images), batch_size)]
         if not chunks:
             return torch.empty(0, self.dim)
         return torch.cat(chunks)
 
-    def _to_uint8(self, items: Iterable) -> torch.Tensor:
-        """Paths are decoded exactly as the image cache stores them, so ``encode(paths)`` matches
+    def to_uint8(self, items: Iterable) -> torch.Tensor:
+        """Paths, PIL images or HWC uint8 arrays → one uint8 batch (N, 3, H, W) for ``embed_uint8``.
+
+        Paths are decoded exactly as the image cache stores them, so ``encode(paths)`` matches
         the features of evaluation pixel for pixel."""
         size = (self.image_size, self.image_size)
         arrays = []

@@ -114,7 +114,8 @@ class Backbone(nn.Module):
             penultimate, last = out["image_intermediates_prefix"]
             patches = self.visual.ln_post(out["image_intermediates"][1])
             rows, columns = self.map_size
-            feature_map = patches.transpose(1, 2).reshape(len(patches), -1, rows, columns)
+            # shape[0], not len(): the batch stays symbolic when the model is exported (ONNX)
+            feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, rows, columns)
             return {"proj": out["image_features"], "pre_proj": self.visual.ln_post(last[:, 0]), "map": feature_map,
                     "penultimate": penultimate[:, 0]}
         out = self.visual.forward_intermediates(images, indices=2)
