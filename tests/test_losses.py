@@ -203,3 +203,13 @@ def test_losses_run_in_float32_under_bf16_autocast(data):
     assert total.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in loss_fn.parameters())  # PML ArcFace casts W to the input dtype
     total.backward()
+
+
+def test_a_last_checkpoint_of_the_older_loss_layout_still_loads():
+    cfg = loss_config(ce=1.0, center=0.0005, arcface=1.0)
+    saved = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS).state_dict()
+    older = {key.replace("terms.", "").replace("branches.", ""): value for key, value in saved.items()}
+    assert "center.1.centers" in older and "arcface.0.W" in older
+    fresh = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)
+    fresh.load_state_dict(older)
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in saved.items())

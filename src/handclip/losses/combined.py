@@ -31,6 +31,7 @@ but it teaches nothing.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +40,9 @@ from torch import nn
 from handclip.config import LossConfig
 from handclip.errors import UserError
 from handclip.losses.terms import LOSS_TERMS
+
+# Keys of a last.pt written before the terms were modules: center.<i>.centers, arcface.<i>.W.
+_OLDER_KEY = re.compile(r"^(center|arcface)\.(\d+)\.")
 
 
 class ReIDLoss(nn.Module):
@@ -62,6 +66,7 @@ class ReIDLoss(nn.Module):
                                 f"(CLIP-ReID stage 1), which this model has not")
         self.terms = nn.ModuleDict({name: LOSS_TERMS[name].build(loss_cfg, num_classes, feature_dims)
                                     for name in self.weights})
+        self._register_load_state_dict_pre_hook(_rename_older_keys)
 
     def forward(self, outputs: dict, labels: torch.Tensor, text_logits: torch.Tensor | None = None):
         # float32, autocast off: the metric losses and PML's ArcFace (which casts its weights to the
@@ -85,3 +90,12 @@ class ReIDLoss(nn.Module):
         """Every other parameter (ArcFace class weights): the head learning rate applies."""
         centers = {id(p) for p in self.center_parameters()}
         yield from (p for p in self.parameters() if id(p) not in centers)
+
+
+def _rename_older_keys(state_dict: dict, prefix: str, *_) -> None:
+    """Resume a run whose last.pt predates the term modules (its loss keys had no ``terms.``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        older = _OLDER_KEY.match(key[len(prefix):])
+        if older:
+            rest = key[len(prefix) + older.end():]
+            state_dict[f"{prefix}terms.{older[1]}.branches.{older[2]}.{rest}"] = state_dict.pop(key)
