@@ -30,7 +30,7 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def splits_dir(synth_root):
     """The published protocol on the synthetic set, 3 splits."""
-    from handclip.data.protocols import prepare_11k
+    from handclip.data.prepare import prepare_11k
 
     out = synth_root / "splits"
     prepare_11k(root=synth_root, out=out, seed=0, num_splits=3)
@@ -40,7 +40,7 @@ def splits_dir(synth_root):
 @pytest.fixture(scope="session")
 def tiny_run(synth_root, splits_dir, tmp_path_factory):
     """A tiny-vit run trained for 2 epochs on dorsal_r: a real checkpoint for evaluation tests."""
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     os.environ["HANDCLIP_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "image-cache")
     out = tmp_path_factory.mktemp("runs") / "tiny"

@@ -15,7 +15,8 @@ from handclip.data.samplers import PKSampler
 from handclip.engine import bench
 from handclip.engine.cache_cli import build_cache_for_splits
 from handclip.engine.evaluation import same_aspect_protocol
-from handclip.engine.trainer import Trainer, train_cache_size
+from handclip.data.training import load_training_data
+from handclip.engine.state import train_cache_size
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -31,8 +32,8 @@ BATCHES = [[4, 0, 8], [1, 1], [7, 2, 3, 5], [6]]
 
 @pytest.mark.parametrize("cache, workers", [(True, 0), (False, 0), (False, 2)])
 def test_loader_yields_each_batch_in_order_with_the_stored_pixels(photos, tmp_path, cache, workers):
-    reference = ImageDataset(photos, None, 12, cache_dir=tmp_path / "cache")
-    dataset = ImageDataset(photos, None, 12, cache=cache, cache_dir=tmp_path / "cache")
+    reference = ImageDataset(photos, 12, cache_dir=tmp_path / "cache")
+    dataset = ImageDataset(photos, 12, cache=cache, cache_dir=tmp_path / "cache")
     loaded = list(BatchLoader(dataset, BATCHES, num_workers=workers, depth=1))
     assert [list(indices) for indices, _ in loaded] == BATCHES
     for indices, images in loaded:
@@ -40,7 +41,7 @@ def test_loader_yields_each_batch_in_order_with_the_stored_pixels(photos, tmp_pa
 
 
 def test_loader_passes_errors_on_and_can_be_left_early(photos, tmp_path):
-    dataset = ImageDataset(photos, None, 12, cache_dir=tmp_path / "cache")
+    dataset = ImageDataset(photos, 12, cache_dir=tmp_path / "cache")
     with pytest.raises(IndexError, match=r"\[0, 9\)"):
         list(BatchLoader(dataset, [[0], [9]]))
     loader = iter(BatchLoader(dataset, BATCHES * 50, depth=2))
@@ -49,7 +50,7 @@ def test_loader_passes_errors_on_and_can_be_left_early(photos, tmp_path):
 
 
 def test_loader_follows_the_sampler_epoch(photos, tmp_path):
-    dataset = ImageDataset(photos, None, 12, cache_dir=tmp_path / "cache")
+    dataset = ImageDataset(photos, 12, cache_dir=tmp_path / "cache")
     sampler = PKSampler([0, 0, 1, 1, 2, 2, 3, 3, 3], batch_size=4, k=2, seed=0)
     loader = BatchLoader(dataset, sampler)
     for epoch in range(2):
@@ -118,14 +119,13 @@ def test_cache_build_makes_the_caches_train_and_evaluate_read(synth_root, splits
         ("test, gallery-all", 112, "found")]
 
     config = load_config(CONFIG, {"data.aspects": ["dorsal_l"], "train.device": "cpu"})
-    trainer = Trainer(config, Path("unused"), {"data_root": str(synth_root), "splits": str(splits_dir),
-                                               "init_from": None}, quiet=True)
+    data = load_training_data(synth_root, splits_dir, config.data.aspects)
     assert train_cache_size(config, 112) == 128
-    train = ImageDataset(trainer.data.samples, None, size=128)
-    validation = ImageDataset(trainer.data.samples, None, size=112)
-    test = ImageDataset(same_aspect_protocol(synth_root, splits_dir, "dorsal_l", None, False).images(), None, size=112)
+    train = ImageDataset(data.samples, size=128)
+    validation = ImageDataset(data.samples, size=112)
+    test = ImageDataset(same_aspect_protocol(synth_root, splits_dir, "dorsal_l", None, False).images(), size=112)
     assert [str(d.cache.file) for d in (train, validation, test)] == [r["file"] for r in rows[:3]]
-    assert rows[0]["count"] == len(trainer.data.train) + len(trainer.data.val)
+    assert rows[0]["count"] == len(data.train) + len(data.val)
 
 
 def test_cache_build_of_every_aspect_and_bad_input(synth_root, splits_dir, tmp_path, capsys):

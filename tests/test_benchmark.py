@@ -79,7 +79,7 @@ def test_a_killed_benchmark_resumes_where_it_stopped(data_11k, tmp_path, monkeyp
     out = tmp_path / "bench"
     args = ("--data-11k", data_11k, "--aspects", "dorsal_r", "--epochs", 2)
     trained = []
-    real_train_epoch, real_end_epoch, real_evaluate = Trainer._train_epoch, Trainer._end_epoch, benchmark.run_evaluate
+    real_train_epoch, real_end_epoch, real_evaluate = Trainer.train_epoch, Trainer.record_epoch, benchmark.run_evaluate
 
     def train_epoch(self, epoch):
         trained.append(epoch)
@@ -93,9 +93,9 @@ def test_a_killed_benchmark_resumes_where_it_stopped(data_11k, tmp_path, monkeyp
         real_evaluate(options)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_end_epoch", killed_after_first_epoch)
+        patch.setattr(Trainer, "record_epoch", killed_after_first_epoch)
         assert run(out, *args) == 130
     assert trained == [0] and not (out / "eval").exists()
 

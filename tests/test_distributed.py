@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from handclip.config import load_config
 from handclip.engine import distributed
+from handclip.engine.run import RunFolder
 from handclip.engine.trainer import Trainer
 from handclip.errors import UserError
 
@@ -49,12 +50,14 @@ def _train_one_process(rank: int, port: int, synth_root, splits_dir, out: Path) 
     try:
         # Center loss and ArcFace: parameters of the loss, outside the DDP model.
         config = load_config(CONFIG, {**SMALL, "train.epochs": 1, "loss.center": 0.0005, "loss.arcface": 1.0})
-        trainer = Trainer(config, out / "run", {"data_root": str(synth_root), "splits": str(splits_dir),
-                                                "init_from": None}, quiet=True)
+        trainer = Trainer.for_run(config, RunFolder(out / "run"), {"data_root": str(synth_root),
+                                                                   "splits": str(splits_dir), "init_from": None},
+                                  quiet=True)
         trainer.fit()
         # Parameters only: BatchNorm statistics differ after the last step until DDP's next forward.
-        torch.save({"model": dict(trainer.model.named_parameters()), "loss": trainer.loss_fn.state_dict(),
-                    "first_batch": next(iter(trainer.sampler))}, out / f"rank{rank}.pt")
+        state = trainer.state
+        torch.save({"model": dict(state.model.named_parameters()), "loss": state.loss_fn.state_dict(),
+                    "first_batch": next(iter(state.sampler))}, out / f"rank{rank}.pt")
     finally:
         distributed.teardown()
 
@@ -74,9 +77,9 @@ def test_processes_train_different_images_and_stay_identical(synth_root, splits_
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first), part
     assert any("centers" in k for k in ranks[0]["loss"]) and any("W" in k for k in ranks[0]["loss"])
-    initial = Trainer(load_config(CONFIG, {**SMALL, "loss.center": 0.0005, "loss.arcface": 1.0}), tmp_path / "x",
-                      {"data_root": str(synth_root), "splits": str(splits_dir), "init_from": None}, quiet=True)
-    initial._build_model()
+    initial = Trainer.for_run(load_config(CONFIG, {**SMALL, "loss.center": 0.0005, "loss.arcface": 1.0}),
+                              RunFolder(tmp_path / "x"), {"data_root": str(synth_root), "splits": str(splits_dir),
+                                                          "init_from": None}, quiet=True).state
     assert all(not torch.equal(initial.loss_fn.state_dict()[k], ranks[0]["loss"][k]) for k in ranks[0]["loss"])
 
 

@@ -32,7 +32,7 @@ RANDOM_DRAWS = 5
 @pytest.fixture(scope="module")
 def trained_vit(synth_root, splits_dir, tmp_path_factory):
     """tiny-vit (7×7 patches at 112 px) trained 6 epochs on dorsal_r: its features separate identities."""
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     os.environ["HANDCLIP_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "image-cache")
     out = tmp_path_factory.mktemp("explain-run") / "vit"

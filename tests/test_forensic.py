@@ -29,7 +29,7 @@ CALIBRATION_FILES = ("calibrator.json", "validation.json", "llrs.npz", "validati
 @pytest.fixture(scope="module")
 def trained(synth_root, splits_dir, tmp_path_factory):
     """A tiny-vit trained for 4 epochs on dorsal_r (the session's tiny_run has 2: too weak for LRs)."""
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     out = tmp_path_factory.mktemp("forensic") / "run"
     run_training(config_path=CONFIG, overrides={"train.epochs": 4, "train.device": "cpu"}, data_root=synth_root,

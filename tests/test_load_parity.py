@@ -22,6 +22,7 @@ from handclip.config import load_config
 from handclip.data.manifests import load_split
 from handclip.engine.checkpoint import load_checkpoint
 from handclip.engine.evaluation import EvaluateOptions, build_encoders
+from handclip.engine.run import RunFolder
 from handclip.engine.trainer import Trainer
 from handclip.errors import UserError
 from handclip.metrics import evaluate_ranking, pairwise_distance
@@ -86,8 +87,8 @@ def identity_run(synth_root, splits_dir, tmp_path_factory):
                 "model.arch": "tiny-vit", "model.pretrained": str(weights), "model.quick_gelu": setting,
                 "model.neck": "none", "model.embedding": "proj", "model.head": "global",
                 "optim.lr": 0.0, "train.epochs": 1, "train.device": "cpu"})
-            trainer = Trainer(config, folder / "run", {"data_root": str(synth_root), "splits": str(splits_dir)},
-                              quiet=True)
+            trainer = Trainer.for_run(config, RunFolder(folder / "run"),
+                                      {"data_root": str(synth_root), "splits": str(splits_dir)}, quiet=True)
             trainer.fit()
             runs[kind] = weights, setting, trainer, folder / "run" / "checkpoints" / "best.pt"
         return runs[kind]
@@ -112,7 +113,7 @@ def test_every_load_path_encodes_what_the_zero_shot_encoder_encodes(kind, settin
     expected = zero_shot.encode(paths)
     options = EvaluateOptions(data_root=synth_root, splits=splits_dir, out=tmp_path, checkpoints=[best], device="cpu")
     loaded = {"load_model": handclip.load_model(best), "evaluate": build_encoders(options)[0],
-              "trainer": trainer.encoder}
+              "trainer": trainer.state.encoder}
     for name, encoder in loaded.items():
         features = encoder.encode(paths)
         assert torch.allclose(features.norm(dim=1), torch.ones(len(paths)), atol=1e-5), name
@@ -131,7 +132,7 @@ def test_the_checkpoint_records_every_architecture_choice(kind, setting, quick, 
     _, _, trainer, best = identity_run(kind)
     payload = load_checkpoint(best)
     assert payload["config"]["model"]["quick_gelu"] is quick  # "auto" resolved
-    backbone = trainer.model.backbone
+    backbone = trainer.state.model.backbone
     assert payload["architecture"] == {"quick_gelu": quick, "image_size": 112,
                                        "preprocess": {"mean": list(backbone.mean), "std": list(backbone.std)}}
     run_config = load_config(best.parent.parent / "config.yaml")

@@ -45,7 +45,7 @@ def data():
 def train(cfg: LossConfig, x, labels, steps=30) -> list[float]:
     torch.manual_seed(0)
     model = TwoBranchModel()
-    loss_fn = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)
+    loss_fn = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS, with_text=True)
     optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.non_center_parameters()], lr=1e-2)
     centers = list(loss_fn.center_parameters())
     center_optimizer = torch.optim.SGD(centers, lr=cfg.center_lr) if centers else None
@@ -82,13 +82,13 @@ def test_terms_listed_are_the_weighted_ones_and_total_is_their_weighted_sum(data
     x, labels = data
     model = TwoBranchModel()
     cfg = loss_config(ce=1.0, triplet=0.5, supcon=0.25, i2t=2.0)
-    total, terms = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)(model(x), labels, model.text(x))
+    total, terms = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS, with_text=True)(model(x), labels, model.text(x))
     assert set(terms) == {"ce", "triplet", "supcon", "i2t"}
     assert all(not t.requires_grad and t.dim() == 0 for t in terms.values())
     expected = terms["ce"] + 0.5 * terms["triplet"] + 0.25 * terms["supcon"] + 2.0 * terms["i2t"]
     torch.testing.assert_close(total.detach(), expected)
-    _, without_text = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)(model(x), labels)
-    assert set(without_text) == {"ce", "triplet", "supcon"}
+    with pytest.raises(UserError, match="loss.i2t"):  # a model without identity texts: never silently skipped
+        ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)
 
 
 def test_all_weights_zero_is_a_user_error():
@@ -113,8 +113,8 @@ def test_i2t_is_smoothed_cross_entropy_of_the_text_logits(data):
     x, labels = data
     model = TwoBranchModel()
     text_logits = model.text(x)
-    _, terms = ReIDLoss(loss_config(i2t=1.0, label_smoothing=0.1), NUM_CLASSES, BRANCH_DIMS)(model(x), labels,
-                                                                                              text_logits)
+    loss_fn = ReIDLoss(loss_config(i2t=1.0, label_smoothing=0.1), NUM_CLASSES, BRANCH_DIMS, with_text=True)
+    _, terms = loss_fn(model(x), labels, text_logits)
     torch.testing.assert_close(terms["i2t"], manual_smoothed_ce(text_logits, labels, 0.1).detach())
 
 
@@ -203,3 +203,13 @@ def test_losses_run_in_float32_under_bf16_autocast(data):
     assert total.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in loss_fn.parameters())  # PML ArcFace casts W to the input dtype
     total.backward()
+
+
+def test_a_last_checkpoint_of_the_older_loss_layout_still_loads():
+    cfg = loss_config(ce=1.0, center=0.0005, arcface=1.0)
+    saved = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS).state_dict()
+    older = {key.replace("terms.", "").replace("branches.", ""): value for key, value in saved.items()}
+    assert "center.1.centers" in older and "arcface.0.W" in older
+    fresh = ReIDLoss(cfg, NUM_CLASSES, BRANCH_DIMS)
+    fresh.load_state_dict(older)
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in saved.items())

@@ -20,7 +20,7 @@ from handclip.data.manifests import load_split
 from handclip.engine.checkpoint import load_checkpoint
 from handclip.engine.prompts import LOGIT_SCALE, contrastive_loss, image_to_text_logits, prompt_lr
 from handclip.engine.schedule import build_optimizer, build_scheduler, lr_factor
-from handclip.engine.trainer import Trainer
+from handclip.engine.trainer import improves
 from handclip.errors import UserError
 from handclip.losses.combined import ReIDLoss
 from handclip.models.backbones import create_backbone
@@ -305,13 +305,12 @@ def test_branch_sum_adds_the_branches_terms():
 def test_best_checkpoint_follows_the_configured_metric(metric, picked, synth_root, splits_dir, tmp_path):
     config = load_config(None, {"model.arch": "tiny-vit", "model.pretrained": "none", "train.epochs": 4,
                                 "train.best_metric": metric, "train.device": "cpu"})
-    trainer = Trainer(config, tmp_path, {"data_root": str(synth_root), "splits": str(splits_dir)}, quiet=True)
     rows = [{"val_mAP": 0.5, "val_acc": 0.2}, {"val_mAP": 0.7, "val_acc": 0.1},
             {"val_mAP": 0.6, "val_acc": 0.4}, {"val_mAP": 0.1, "val_acc": 0.3}]
-    best = None
+    best, best_metrics = None, {}
     for epoch, row in enumerate(rows):
-        if trainer._improves(epoch, row):
-            trainer.best_metrics = {"epoch": epoch + 1, **row}
+        if improves(config.train, best_metrics, epoch, row):
+            best_metrics = {"epoch": epoch + 1, **row}
             best = epoch + 1
     assert best == picked
 
@@ -363,7 +362,7 @@ def test_val_accuracy_in_the_history_is_the_classifiers_accuracy(reference_runs,
     encoder = handclip.load_model(run / "checkpoints" / "best.pt")
     classes = payload["class_names"]
     val = [s for s in load_split(synth_root, splits_dir, "dorsal_r", "val") if s.identity in classes]
-    images = ImageDataset(val, None, size=73).batch(range(len(val)))  # the stored training pixels
+    images = ImageDataset(val, size=73).batch(range(len(val)))  # the stored training pixels
     with torch.no_grad():
         logits = encoder.model(encoder.transform(images))["logits"][0]
     expected = (logits.argmax(1) == torch.tensor([classes.index(s.identity) for s in val])).float().mean()

@@ -11,12 +11,16 @@ from PIL import Image
 
 from handclip.errors import UserError
 from handclip.report import missed_identities, worst_queries
-from handclip.report.grids import (BORDER, GREEN, PAD, RED, THUMB_BACKGROUND, RankedRow, draw_ranked_grid,
-                                   draw_ranked_grids, ranked_row)
+from handclip.report.grids import (BORDER, GREEN, PAD, RED, THUMB_BACKGROUND, RankedRow, draw_ranked_grids,
+                                   ranked_row)
 from handclip.report.html import write_report
 from handclip.report.plots import plot_cmc, plot_history
 
 THUMB = 32
+
+
+def draw_one_row(query, label, gallery, labels, scores, matches, path, thumb):
+    return draw_ranked_grids([RankedRow(query, label, gallery, labels, scores, matches)], path, thumb)
 
 
 @pytest.fixture
@@ -53,7 +57,7 @@ def frame_runs(image: Image.Image) -> list[list[str]]:
 
 # ---- grids ---------------------------------------------------------------------------------------------
 def test_grid_frames_green_for_matches_red_otherwise(hand_images, tmp_path):
-    out = draw_ranked_grid(hand_images[0], "0000001", hand_images[1:], ["a", "b", "c", "d"], [0.1, 0.2, 0.3, 0.4],
+    out = draw_one_row(hand_images[0], "0000001", hand_images[1:], ["a", "b", "c", "d"], [0.1, 0.2, 0.3, 0.4],
                            [True, False, True, False], tmp_path / "grid.png", thumb=THUMB)
     with Image.open(out) as image:
         assert frame_runs(image) == [["G", "R", "G", "R"]]
@@ -77,7 +81,7 @@ def test_grid_size_follows_the_number_of_thumbnails(hand_images, tmp_path):
 def test_grid_draws_unreadable_images_as_tiles(hand_images, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    out = draw_ranked_grid(hand_images[0], "q", [broken, tmp_path / "gone.jpg"], ["a", "b"], [0.1, 0.2],
+    out = draw_one_row(hand_images[0], "q", [broken, tmp_path / "gone.jpg"], ["a", "b"], [0.1, 0.2],
                            [True, True], tmp_path / "grid.png", thumb=THUMB)
     with Image.open(out) as image:
         assert frame_runs(image) == [["G", "G"]]
@@ -99,7 +103,7 @@ def test_ranked_row_orders_by_distance_and_marks_matches(hand_images):
 
 def test_grid_rejects_rows_of_unequal_lengths(hand_images, tmp_path):
     with pytest.raises(ValueError, match="length"):
-        draw_ranked_grid(hand_images[0], "q", hand_images[1:3], ["a"], [0.1, 0.2], [True, False],
+        draw_one_row(hand_images[0], "q", hand_images[1:3], ["a"], [0.1, 0.2], [True, False],
                          tmp_path / "grid.png", thumb=THUMB)
 
 
@@ -194,7 +198,7 @@ def result(aspect, rank1, std=0.0031):
 
 def test_report_links_every_picture_and_prints_percent_table(tmp_path, hand_images):
     out = tmp_path / "eval"
-    draw_ranked_grid(hand_images[0], "q", hand_images[1:3], ["a", "b"], [0.1, 0.2], [True, False],
+    draw_one_row(hand_images[0], "q", hand_images[1:3], ["a", "b"], [0.1, 0.2], [True, False],
                      out / "worst queries.png", thumb=THUMB)
     plot_cmc({"model": np.linspace(0.9, 1.0, 10)}, out / "cmc.png")
     history = tmp_path / "history.csv"

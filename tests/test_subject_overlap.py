@@ -36,7 +36,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def straddling(synth_root, tmp_path_factory):
     """(data root, splits) of the synthetic photos with two subjects re-labelled 1040 and 1045."""
-    from handclip.data.protocols import prepare_11k
+    from handclip.data.prepare import prepare_11k
 
     root = tmp_path_factory.mktemp("straddling")
     (root / "Hands").symlink_to(synth_root / "Hands")

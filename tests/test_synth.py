@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from handclip.cli import main
-from handclip.data.aspects import ASPECT_FROM_11K_LABEL, TRAIN_ID_THRESHOLD_11K
+from handclip.hand_datasets import ASPECT_FROM_11K_LABEL, TRAIN_ID_THRESHOLD_11K
 from handclip.data.synth import make_person, render_photo, subject_ids, synthesize
 from handclip.errors import UserError
 

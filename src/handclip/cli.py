@@ -14,10 +14,9 @@ from handclip.errors import UserError
 
 
 def _prepare(args):
-    from handclip.data.protocols import format_summary, prepare_11k, prepare_hd
+    from handclip.data.prepare import PREPARERS, format_summary
 
-    prepare = prepare_11k if args.dataset == "11k" else prepare_hd
-    result = prepare(
+    result = PREPARERS[args.dataset](
         root=args.root,
         out=args.out,
         seed=args.seed,
@@ -65,7 +64,7 @@ def _overrides(args) -> dict:
 
 
 def _train(args):
-    from handclip.engine.trainer import run_training
+    from handclip.engine.train import run_training
 
     run_training(
         config_path=args.config,
@@ -240,6 +239,8 @@ def _export(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from handclip.hand_datasets import HAND_DATASETS
+    from handclip.metrics import RERANK_K1, RERANK_K2, RERANK_LAMBDA
     from handclip.published import PROTOCOLS
 
     parser = _Parser(prog="handclip", description=__doc__.splitlines()[0])
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="write the published split protocol as CSV manifests")
-    p.add_argument("dataset", choices=["11k", "hd"])
+    p.add_argument("dataset", choices=list(HAND_DATASETS))
     p.add_argument("--root", required=True, type=Path, help="dataset download folder")
     p.add_argument("--out", type=Path, help="splits folder (default ROOT/splits)")
     p.add_argument("--seed", type=int, default=0)
@@ -300,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--flip", action="store_true", help="add horizontally flipped images' features")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    p.add_argument("--k1", type=int, default=20)
-    p.add_argument("--k2", type=int, default=6)
-    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3)
+    p.add_argument("--k1", type=int, default=RERANK_K1)
+    p.add_argument("--k2", type=int, default=RERANK_K2)
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=RERANK_LAMBDA)
     p.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
     p.add_argument("--fusion", choices=["score", "feature"], default="score")
     p.add_argument("--batch-size", type=int, default=128)

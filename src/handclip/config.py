@@ -6,6 +6,8 @@ silently falls back to a default.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +17,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from handclip.errors import UserError
-
-from handclip.data.aspects import ALL_ASPECTS
+from handclip.hand_datasets import ALL_ASPECTS
 
 
 @dataclass
@@ -176,12 +177,9 @@ def _coerce(value: Any, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Union:
-        errors = []
         for option in args:
-            try:
+            with contextlib.suppress(UserError):
                 return _coerce(value, option, key)
-            except UserError as exc:
-                errors.append(exc)
         raise UserError(f"config key '{key}': {value!r} is not one of {' | '.join(_describe(a) for a in args)}")
     if origin is Literal:
         if value not in args:
@@ -267,7 +265,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(mapping: dict, overrides: dict[str, Any]) -> dict:
     """Return a copy of the nested ``mapping`` with dotted-key ``overrides`` set."""
-    result = _deep_copy(mapping)
+    result = copy.deepcopy(mapping)
     for dotted, value in overrides.items():
         node = result
         parts = dotted.split(".")
@@ -278,10 +276,6 @@ def apply_overrides(mapping: dict, overrides: dict[str, Any]) -> dict:
             node = child
         node[parts[-1]] = value
     return result
-
-
-def _deep_copy(mapping: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in mapping.items()}
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -3,12 +3,15 @@ never changes what an earlier run left."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,6 +36,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> str:
+    """A CSV with ``header``; a row is a sequence of cells, or a mapping read by column (missing → empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([row.get(column, "") for column in header] if isinstance(row, Mapping) else row)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
+    atomic_write_text(path, csv_text(header, rows))
 
 
 @contextlib.contextmanager

@@ -104,7 +104,12 @@ def _encode_ids(query_ids, gallery_ids) -> tuple[np.ndarray, np.ndarray]:
     return query, gallery
 
 
-def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+# The re-ranking defaults of Zhong et al. (CVPR 2017), which evaluate and its CLI flags use too.
+RERANK_K1, RERANK_K2, RERANK_LAMBDA = 20, 6, 0.3
+
+
+def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = RERANK_K1, k2: int = RERANK_K2,
+                        lambda_value: float = RERANK_LAMBDA) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017); returns the new (Q, G) distance.
 
     ``q_g``, ``q_q``, ``g_g``: query–gallery, query–query and gallery–gallery distances.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handclip.data.aspects import ASPECTS_11K
+from handclip.hand_datasets import ASPECTS_11K
 
 
 @dataclass(frozen=True)

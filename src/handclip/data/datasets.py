@@ -1,4 +1,4 @@
-"""Datasets of stored uint8 images, a DataLoader with sensible defaults, and the trainer's batch loader.
+"""Datasets of stored uint8 images and the trainer's batch loader.
 
 With the cache (the default) a whole batch is one fancy-index read of the memory-mapped array:
 ``dataset.batch(indices)`` needs no DataLoader workers and keeps a GPU fed. Without it every image
@@ -21,25 +21,22 @@ from handclip.data.images import load_resized
 
 
 class ImageDataset(Dataset):
-    """Items ``(uint8 tensor (3, size, size), label, index)``; label is -1 without ``labels``.
+    """Items ``(uint8 tensor (3, size, size), index)``.
 
     ``samples``: manifest samples (anything with ``.path``) or plain image paths.
     """
 
-    def __init__(self, samples: Sequence, labels: Sequence[int] | None, size: int, cache: bool = True,
+    def __init__(self, samples: Sequence, size: int, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False):
         self.paths = [Path(getattr(s, "path", s)) for s in samples]
-        if labels is not None and len(labels) != len(self.paths):
-            raise ValueError(f"{len(labels)} labels for {len(self.paths)} samples")
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.size = size
         self.cache = ImageCache.open_or_build(self.paths, size, cache_dir, progress) if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.batch([index])[0], self.labels[index], index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.batch([index])[0], index
 
     def batch(self, indices: Sequence[int], pin_memory: bool = False) -> torch.Tensor:
         """uint8 (B, 3, size, size) of ``indices`` in that order (channels-last in memory).
@@ -61,33 +58,14 @@ class ImageDataset(Dataset):
         return pixels.permute(0, 3, 1, 2)
 
 
-def make_loader(dataset: Dataset, batch_sampler=None, batch_size: int | None = None, shuffle: bool = False,
-                num_workers: int = 0, pin_memory: bool | None = None,
-                persistent_workers: bool | None = None) -> DataLoader:
-    """A DataLoader over ``dataset`` with either a ``batch_sampler`` or a ``batch_size``.
-
-    Defaults: pinned memory when CUDA is available (faster, asynchronous host-to-GPU copies);
-    workers kept alive between epochs when there are any (no restart cost each epoch).
-    """
-    if (batch_sampler is None) == (batch_size is None):
-        raise ValueError("give exactly one of batch_sampler and batch_size")
-    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else \
-        {"batch_size": batch_size, "shuffle": shuffle}
-    return DataLoader(
-        dataset, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
-        **batching,
-    )
-
-
 class BatchLoader:
     """The uint8 batches of a batch sampler, read ahead of the consumer: iterating yields
     ``(indices, images)`` with images (B, 3, size, size) uint8 on the CPU.
 
     Cached dataset: a background thread reads the next ``depth`` batches (one memmap read each,
     into pinned memory with ``pin_memory``) while the caller trains on the current one.
-    Without the cache: DataLoader worker processes (``num_workers``) decode the JPEGs.
+    Without the cache: DataLoader worker processes (``num_workers``, kept alive between epochs)
+    decode the JPEGs.
     ``batch_sampler`` is iterated afresh on each pass (call its ``set_epoch`` before).
     """
 
@@ -95,12 +73,13 @@ class BatchLoader:
                  pin_memory: bool = False, depth: int = 2):
         self.dataset, self.batch_sampler = dataset, batch_sampler
         self.pin_memory, self.depth = pin_memory, depth
-        self.loader = None if dataset.cache is not None else \
-            make_loader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory)
+        self.loader = None if dataset.cache is not None else DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         if self.loader is not None:
-            for images, _, indices in self.loader:
+            for images, indices in self.loader:
                 yield indices.numpy(), images
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="handclip-batches") as reader:

@@ -19,7 +19,6 @@ reading a tree maps them back to (7-digit 11k id, aspect), so both forms give th
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import shutil
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from handclip.data.aspects import GALLERY_ALL_OFFSETS
+from handclip.hand_datasets import ALL_ASPECTS, GALLERY_ALL_OFFSETS
 from handclip.errors import UserError
-from handclip.fileio import atomic_write_text
+from handclip.fileio import atomic_write_csv
 
 CSV_HEADER = ("image", "identity", "aspect")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
@@ -58,11 +57,7 @@ class Sample:
 # ---- CSV ------------------------------------------------------------------------------------------
 def write_split_csv(path: str | os.PathLike, rows: Iterable[Sample]) -> None:
     """Write ``rows`` (anything with ``image``, ``identity``, ``aspect``) atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    writer.writerows((row.image, row.identity, row.aspect) for row in rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, CSV_HEADER, ((row.image, row.identity, row.aspect) for row in rows))
 
 
 def read_split_csv(csv_path: str | os.PathLike, data_root: str | os.PathLike) -> list[Sample]:
@@ -120,6 +115,18 @@ def count_splits(splits: str | os.PathLike, aspect: str) -> int:
     while all(_split_exists(splits, tree, aspect, f"{kind}_{count}") for kind in ("query", "gallery")):
         count += 1
     return count
+
+
+def aspects_with_splits(splits: str | os.PathLike) -> list[str]:
+    """The known aspects (in table order) that have at least one query/gallery split in ``splits``."""
+    found = []
+    for aspect in ALL_ASPECTS:
+        try:
+            if count_splits(splits, aspect) > 0:
+                found.append(aspect)
+        except UserError:
+            pass
+    return found
 
 
 def _split_exists(splits: Path, tree: Path | None, aspect: str, name: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from handclip.data.aspects import DATASET_OF_ASPECT
+from handclip.hand_datasets import DATASET_OF_ASPECT
 
 SubjectRecord = dict[str, list[str]]
 

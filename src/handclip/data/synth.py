@@ -14,7 +14,6 @@ resolution and then resized, so a hand looks the same at 160x120 and at 1600x120
 from __future__ import annotations
 
 import colorsys
-import csv
 import io
 import math
 from dataclasses import dataclass, replace
@@ -24,9 +23,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from handclip.data.aspects import ASPECT_FROM_11K_LABEL, TRAIN_ID_THRESHOLD_11K
+from handclip.hand_datasets import ASPECT_FROM_11K_LABEL, TRAIN_ID_THRESHOLD_11K
 from handclip.errors import UserError
-from handclip.fileio import atomic_directory
+from handclip.fileio import atomic_directory, csv_text
 
 HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
                      "imageName", "irregularities")
@@ -147,7 +146,7 @@ def synthesize(out, ids: int = 40, per_aspect: int = 4, size: tuple[int, int] = 
                     name = f"Hand_{len(rows) + 1:07d}.jpg"
                     (tmp / "Hands" / name).write_bytes(_jpeg(image, quality=int(rng.integers(60, 96))))
                     rows.append(_csv_row(subject, person, aspect, name, accessory is not None))
-        (tmp / "HandInfo.csv").write_text(_csv_text(rows), encoding="utf-8")
+        (tmp / "HandInfo.csv").write_text(csv_text(HAND_INFO_COLUMNS, rows), encoding="utf-8")
         (tmp / MARKER_FILE).write_text(
             f"written by: handclip synth --ids {ids} --per-aspect {per_aspect} --size {size[0]}x{size[1]} "
             f"--seed {seed}\nthis folder is replaced whole by the next synth run into it\n", encoding="utf-8")
@@ -185,14 +184,6 @@ def _check_arguments(out: Path, ids, per_aspect, size, seed) -> None:
 def _csv_row(subject: str, person: Person, aspect: str, name: str, accessory: bool) -> list:
     return [subject, person.age, person.gender, person.skin_label, int(accessory), int(person.nail_polish),
             aspect, name, int(person.irregular)]
-
-
-def _csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(HAND_INFO_COLUMNS)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:

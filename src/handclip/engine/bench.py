@@ -20,7 +20,6 @@ import datetime
 import itertools
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +30,9 @@ from PIL import Image
 
 from handclip.config import load_config
 from handclip.data.datasets import BatchLoader, ImageDataset
+from handclip.data.training import load_training_data
 from handclip.engine.features import extract_features
+from handclip.engine.state import TrainingState, build_training, training_device
 from handclip.engine.trainer import Trainer
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json
@@ -52,39 +53,36 @@ def run_bench(config_path, overrides=None, data_root=None, splits=None, out=None
     if steps < 1:
         raise UserError(f"--steps {steps}: must be at least 1")
     config = load_config(config_path, overrides)
-    with tempfile.TemporaryDirectory(prefix="handclip-bench-") as scratch:  # the trainer writes nothing here
-        trainer = Trainer(config, Path(scratch), {"data_root": str(Path(data_root).resolve()),
-                                                  "splits": str(Path(splits).resolve()), "init_from": None},
-                          quiet=True)
-        result = measure(trainer, steps)
+    data = load_training_data(Path(data_root).resolve(), Path(splits).resolve(), config.data.aspects,
+                              config.data.identity)
+    result = measure(build_training(config, data, training_device(config)), steps)  # writes no run folder
     atomic_write_json(out, result)
     print(format_table(result))
     return result
 
 
-def measure(trainer: Trainer, steps: int) -> dict:
-    trainer._build_model()
-    started = time.perf_counter()
-    trainer._build_data()  # decodes the images into the cache unless an earlier run did
-    cache_s = time.perf_counter() - started
-    device, cfg = trainer.device, trainer.config
-    batches = batch_plan(trainer.sampler, WARMUP_STEPS + steps)
+def measure(state: TrainingState, steps: int) -> dict:
+    trainer = Trainer(state, run=None, invocation={}, quiet=True)
+    if state.uses_prompts:  # the i2t term needs the identity texts of stage 1
+        state.text_features = trainer.learn_prompts()
+    device, cfg = state.device, state.config
+    batches = batch_plan(state.sampler, WARMUP_STEPS + steps)
     pin = device.type == "cuda"
-    jpeg_dataset = ImageDataset(trainer.data.samples, None, size=trainer.dataset.size, cache=False)
+    jpeg_dataset = ImageDataset(state.data.samples, size=state.dataset.size, cache=False)
 
-    trainer.model.train()
+    state.model.train()
     figures = {
         "model_only_img_s": images_per_second(model_steps(trainer, batches[0], WARMUP_STEPS + steps), device),
         "train_e2e_img_s": images_per_second(train_steps(trainer, BatchLoader(
-            trainer.dataset, batches, cfg.data.num_workers, pin)), device),
+            state.dataset, batches, cfg.data.num_workers, pin)), device),
         "jpeg_loader_img_s": images_per_second(augment_steps(trainer, BatchLoader(
             jpeg_dataset, batches, cfg.data.num_workers, pin)), device),
         "cached_loader_img_s": images_per_second(augment_steps(trainer, BatchLoader(
-            trainer.dataset, batches, cfg.data.num_workers, pin)), device),
+            state.dataset, batches, cfg.data.num_workers, pin)), device),
     }
-    trainer.model.eval()
+    state.model.eval()
     figures["eval_extract_img_s"] = images_per_second(
-        extract_steps(trainer, WARMUP_STEPS + steps), device)
+        extract_steps(state, WARMUP_STEPS + steps), device)
     return {
         **figures,
         "ratios": {
@@ -92,13 +90,13 @@ def measure(trainer: Trainer, steps: int) -> dict:
             "cached_over_jpeg_loader": figures["cached_loader_img_s"] / figures["jpeg_loader_img_s"],
         },
         "targets": dict(TARGETS),
-        "cache_build_s": cache_s,
+        "cache_build_s": state.images_seconds,
         "settings": {
-            "arch": cfg.model.arch, "image_size": trainer.model.image_size, "stored_size": trainer.dataset.size,
-            "source_image": "x".join(map(str, _image_size(trainer.data.samples[0].path))),
+            "arch": cfg.model.arch, "image_size": state.model.image_size, "stored_size": state.dataset.size,
+            "source_image": "x".join(map(str, _image_size(state.data.samples[0].path))),
             "batch_size": len(batches[0]), "eval_batch_size": cfg.train.eval_batch_size,
             "num_workers": cfg.data.num_workers, "amp": cfg.train.amp, "compile": cfg.train.compile,
-            "aspects": cfg.data.aspects, "images": len(trainer.dataset), "steps": steps,
+            "aspects": cfg.data.aspects, "images": len(state.dataset), "steps": steps,
             "warmup_steps": WARMUP_STEPS,
         },
         "device": device_details(device),
@@ -119,35 +117,36 @@ def batch_plan(sampler, count: int) -> list[np.ndarray]:
 
 # Each generator does one unit of work per step and yields how many images it handled.
 def model_steps(trainer: Trainer, indices: np.ndarray, count: int) -> Iterator[int]:
-    size = trainer.model.image_size
-    images = torch.randn(len(indices), 3, size, size, device=trainer.device)
-    if trainer.channels_last:
+    state = trainer.state
+    size = state.model.image_size
+    images = torch.randn(len(indices), 3, size, size, device=state.device)
+    if state.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = trainer.labels[torch.as_tensor(indices)].to(trainer.device)
+    labels = state.labels[torch.as_tensor(indices)].to(state.device)
     for _ in range(count):
-        trainer._step(images, labels)
+        trainer.step(images, labels)
         yield len(indices)
 
 
 def train_steps(trainer: Trainer, loader: BatchLoader) -> Iterator[int]:
-    generator = trainer._augment_generator(0)
+    generator = trainer.augment_generator(0)
     for indices, images in loader:
-        trainer._train_batch(indices, images, generator)
+        trainer.train_batch(indices, images, generator)
         yield len(indices)
 
 
 def augment_steps(trainer: Trainer, loader: BatchLoader) -> Iterator[int]:
-    generator = trainer._augment_generator(0)
+    generator = trainer.augment_generator(0)
     for indices, images in loader:
-        trainer.augment(images.to(trainer.device, non_blocking=True), generator=generator)
+        trainer.state.augment(images.to(trainer.state.device, non_blocking=True), generator=generator)
         yield len(indices)
 
 
-def extract_steps(trainer: Trainer, count: int) -> Iterator[int]:
-    batch_size = trainer.config.train.eval_batch_size
-    order = np.resize(np.arange(len(trainer.dataset)), batch_size * count)  # cycles through the images
+def extract_steps(state: TrainingState, count: int) -> Iterator[int]:
+    batch_size = state.config.train.eval_batch_size
+    order = np.resize(np.arange(len(state.dataset)), batch_size * count)  # cycles through the images
     for start in range(0, len(order), batch_size):
-        extract_features(trainer.encoder, trainer.dataset, order[start:start + batch_size], batch_size)
+        extract_features(state.encoder, state.dataset, order[start:start + batch_size], batch_size)
         yield batch_size
 
 

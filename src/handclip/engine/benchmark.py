@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from handclip.config import Config, config_to_dict, load_config
-from handclip.data.aspects import ALL_ASPECTS, ASPECT_HD, ASPECTS_11K
 from handclip.data.manifests import count_splits
-from handclip.data.protocols import HD_FOLDER, prepare_11k, prepare_hd
+from handclip.data.prepare import PREPARERS
 from handclip.engine.evaluation import EvaluateOptions, run_evaluate
-from handclip.engine.trainer import RUN_FILE, RunPaths, run_training
+from handclip.engine.run import RunFolder
+from handclip.engine.train import run_training
 from handclip.errors import UserError
 from handclip.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from handclip.hand_datasets import ALL_ASPECTS, DATASET_OF_ASPECT, HAND_DATASETS, dataset_of
 from handclip.published import AP_METRIC, PROTOCOLS, for_aspect
 
 PROTOCOL = "published"
 LEADERBOARD_METRICS = ("rank1", "mAP", "mAP_trapezoid", "mINP")
 SETTINGS_FILE = "benchmark.json"
-PREPARE = {"11k": prepare_11k, "hd": prepare_hd}  # splits written where a dataset root has none (seed 0)
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     for dataset in used:
         if not dataset.splits.exists():
             with clock.phase(f"prepare_{dataset.name}"):
-                PREPARE[dataset.name](root=dataset.root, out=dataset.splits, seed=0, num_splits=options.num_splits)
+                PREPARERS[dataset.name](root=dataset.root, out=dataset.splits, seed=0, num_splits=options.num_splits)
     for aspect in aspects:
         _check_num_splits(datasets[aspect], aspect, options.num_splits)
     results = {aspect: _train_and_evaluate(aspect, datasets[aspect], config, options, clock) for aspect in aspects}
@@ -88,9 +88,15 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
+def _roots(options: BenchmarkOptions) -> dict[str, Path | None]:
+    """Dataset name (a key of HAND_DATASETS) → the root given for it."""
+    return {"11k": options.data_11k, "hd": options.data_hd}
+
+
 def _aspects(options: BenchmarkOptions) -> list[str]:
     if options.aspects is None:
-        aspects = list(ASPECTS_11K if options.data_11k else ()) + ([ASPECT_HD] if options.data_hd else [])
+        roots = _roots(options)
+        aspects = [a for name, dataset in HAND_DATASETS.items() if roots[name] for a in dataset.aspects]
         if not aspects:
             raise UserError("benchmark needs --data-11k ROOT and/or --data-hd ROOT")
         return aspects
@@ -102,20 +108,16 @@ def _aspects(options: BenchmarkOptions) -> list[str]:
 
 def _dataset(options: BenchmarkOptions, aspect: str) -> Dataset:
     """The dataset root of ``aspect``, checked to hold that dataset before anything runs."""
-    if aspect == ASPECT_HD:
-        if options.data_hd is None:
-            raise UserError("--aspects hd needs --data-hd ROOT (a folder holding 'Original Images')")
-        root = Path(options.data_hd)
-        if not (root / HD_FOLDER).is_dir():
-            raise UserError(f"--data-hd {root}: no '{HD_FOLDER}' folder there (not an HK PolyU HD download)")
-        return Dataset("hd", root.resolve())
-    if options.data_11k is None:
-        raise UserError(f"--aspects {aspect} needs --data-11k ROOT (a folder holding HandInfo.csv and Hands/)")
-    root = Path(options.data_11k)
-    missing = [name for name in ("HandInfo.csv", "Hands") if not (root / name).exists()]
+    dataset = dataset_of(aspect)
+    flag, layout = f"--data-{dataset.name}", " and ".join(f"'{e}'" for e in dataset.root_entries)
+    root = _roots(options)[dataset.name]
+    if root is None:
+        raise UserError(f"--aspects {aspect} needs {flag} ROOT (a folder holding {layout})")
+    root = Path(root)
+    missing = [name for name in dataset.root_entries if not (root / name).exists()]
     if missing:
-        raise UserError(f"--data-11k {root}: no {' or '.join(missing)} there (not an 11k Hands download)")
-    return Dataset("11k", root.resolve())
+        raise UserError(f"{flag} {root}: no {' or '.join(missing)} there (not a download of {dataset.title})")
+    return Dataset(dataset.name, root.resolve())
 
 
 def _check_settings(out: Path, config: Config, options: BenchmarkOptions, datasets: list[Dataset]) -> dict:
@@ -156,20 +158,20 @@ def _read_json(path: Path) -> dict:
 def _train_and_evaluate(aspect: str, dataset: Dataset, config: Config, options: BenchmarkOptions,
                         clock: PhaseClock) -> dict:
     out = Path(options.out)
-    run, evaluation = out / "runs" / aspect, out / "eval" / aspect
+    run, evaluation = RunFolder(out / "runs" / aspect), out / "eval" / aspect
     results = evaluation / "results.json"
     if results.exists():
         return _read_json(results)
     with clock.phase(f"train_{aspect}"):
-        if (run / "config.yaml").exists() and (run / RUN_FILE).exists():
-            run_training(resume=run, overrides={"train.device": options.device}, quiet=options.quiet)
+        if run.is_run():
+            run_training(resume=run.root, overrides={"train.device": options.device}, quiet=options.quiet)
         else:
             overrides = dict(options.overrides, **{"data.aspects": [aspect], "train.device": options.device})
             run_training(config_path=options.config, overrides=overrides, data_root=dataset.root,
-                         splits=dataset.splits, out=run, quiet=options.quiet)
+                         splits=dataset.splits, out=run.root, quiet=options.quiet)
     with clock.phase(f"evaluate_{aspect}"), atomic_directory(evaluation) as staging:
         run_evaluate(EvaluateOptions(data_root=dataset.root, splits=dataset.splits, out=staging, aspect=aspect,
-                                     checkpoints=[RunPaths(run).best], protocol=PROTOCOL,
+                                     checkpoints=[run.best], protocol=PROTOCOL,
                                      num_splits=options.num_splits, batch_size=config.train.eval_batch_size,
                                      device=options.device, quiet=options.quiet))
     return _read_json(results)
@@ -215,7 +217,7 @@ def leaderboard_rows(results: dict[str, dict], method: str, backbone: str) -> li
     that aspect, whatever its protocol, its mAP under the key of its own AP definition."""
     rows = []
     for aspect, result in results.items():
-        dataset = "hd" if aspect == ASPECT_HD else "11k"
+        dataset = DATASET_OF_ASPECT[aspect]
         rows.append({"method": method, "backbone": backbone, "dataset": dataset, "aspect": aspect,
                      "protocol": result["protocol"], "published": False,
                      **{k: result["mean"][k] for k in LEADERBOARD_METRICS},

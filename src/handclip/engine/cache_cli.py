@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from handclip.data.aspects import ALL_ASPECTS
 from handclip.data.cache import ImageCache, cache_key, default_cache_dir
-from handclip.data.manifests import count_splits
+from handclip.data.manifests import aspects_with_splits
+from handclip.data.training import load_training_data
 from handclip.engine.evaluation import same_aspect_protocol
-from handclip.engine.training_data import load_training_data
+from handclip.engine.state import input_size_of_stored
 from handclip.errors import UserError
+from handclip.hand_datasets import ALL_ASPECTS
 
 
 def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, size: int = 256,
@@ -30,7 +31,7 @@ def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, 
     and returns one row per image list."""
     if size < 8:
         raise UserError(f"--size {size}: must be at least 8 pixels")
-    aspects = aspects or [a for a in ALL_ASPECTS if _has_test_splits(splits, a)]
+    aspects = aspects or aspects_with_splits(splits)
     if not aspects:
         raise UserError(f"{splits}: no aspect has splits here (run `handclip prepare` first)")
     unknown = [a for a in aspects if a not in ALL_ASPECTS]
@@ -46,7 +47,7 @@ def build_cache_for_splits(data_root, splits, aspects: list[str] | None = None, 
 
 def image_lists(data_root, splits, aspect: str, size: int) -> list[tuple[str, list[Path], int]]:
     """(name, ordered image paths, stored side) of each cache that train and evaluate read."""
-    image_size = round(size * 7 / 8)
+    image_size = input_size_of_stored(size)
     training = [s.path for s in load_training_data(data_root, splits, [aspect]).samples]
     lists = [("train+val", training, size), ("train+val, validation", training, image_size),
              ("test", _paths(same_aspect_protocol(data_root, splits, aspect, None, gallery_all=False)), image_size)]
@@ -59,13 +60,6 @@ def image_lists(data_root, splits, aspect: str, size: int) -> list[tuple[str, li
 
 def _paths(protocol) -> list[Path]:
     return [s.path for s in protocol.images()]
-
-
-def _has_test_splits(splits, aspect: str) -> bool:
-    try:
-        return count_splits(splits, aspect) > 0
-    except UserError:
-        return False
 
 
 def _build(paths: list[Path], size: int, quiet: bool) -> dict:

@@ -118,7 +118,7 @@ def calibration_samples(options: CalibrateOptions, trained_on: set[str]) -> list
 
 def score_pairs(encoder: Encoder, samples: list[Sample], options: CalibrateOptions) -> CalibrationPairs:
     """Every pair's cosine similarity; NaN or infinite scores (broken weights) are refused."""
-    dataset = ImageDataset(samples, None, size=encoder.image_size, cache=True, progress=not options.quiet)
+    dataset = ImageDataset(samples, size=encoder.image_size, cache=True, progress=not options.quiet)
     features = extract_features(encoder, dataset, batch_size=options.batch_size, progress=not options.quiet,
                                 desc="encode calibration images").double()
     first, second = np.triu_indices(len(samples), k=1)

@@ -83,7 +83,7 @@ def build_model_from_checkpoint(payload: dict, path: str | Path, keep_text: bool
     model = build_reid_model(model_cfg, num_classes=len(payload["class_names"]), keep_text=keep_text,
                              preprocess=architecture["preprocess"])
     load_weights(model, payload["model"], path)
-    return model, config
+    return model.eval(), config  # a loaded model is for inference
 
 
 def checkpoint_architecture(payload: dict) -> dict:

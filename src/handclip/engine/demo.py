@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from handclip.data.protocols import format_summary, prepare_11k
+from handclip.data.prepare import format_summary, prepare_11k
 from handclip.data.synth import synthesize
 from handclip.engine.evaluation import METRIC_KEYS, EvaluateOptions, run_evaluate
-from handclip.engine.trainer import run_training
+from handclip.engine.train import run_training
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json
 

@@ -40,7 +40,7 @@ class Encoder:
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", amp: str = "auto",
                  trained_subjects: dict[str, list[str]] | None = None):
         self.device = resolve_device(str(device))
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # its train/eval mode stays the caller's
         self.amp = amp
         self.trained_subjects = trained_subjects
         self.image_size = model.image_size
@@ -57,10 +57,22 @@ class Encoder:
         With ``flip`` the features of the mirrored images are added before normalising
         (the MBA-Net test-time trick)."""
         batch = batch.to(self.device, non_blocking=True)
-        features = self._forward(self.transform(batch))
-        if flip:
-            features = features + self._forward(self.transform(batch, flip=True))
+        with self.evaluating():
+            features = self._forward(self.transform(batch))
+            if flip:
+                features = features + self._forward(self.transform(batch, flip=True))
         return F.normalize(features.float(), dim=1).cpu()
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode (BatchNorm statistics, no dropout) for the block, then back in
+        the mode it was in: encoding mid-training leaves the training mode alone."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(training)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp):

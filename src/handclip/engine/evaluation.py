@@ -5,8 +5,6 @@ Every image that any split of a protocol needs is encoded once; splits only inde
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,19 +12,20 @@ import numpy as np
 import torch
 
 from handclip.config import ModelConfig
-from handclip.data.aspects import ASPECT_HD, ASPECTS_11K
 from handclip.data.datasets import ImageDataset
-from handclip.data.manifests import Sample, count_splits, load_split
+from handclip.data.manifests import Sample, aspects_with_splits, count_splits, load_split
 from handclip.engine.checkpoint import load_model
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
 from handclip.engine.overlap import check_subject_overlap
-from handclip.engine.training_data import identity_key
+from handclip.engine.run import RunFolder
+from handclip.data.training import identity_key
 from handclip.errors import UserError
-from handclip.fileio import atomic_write_json, atomic_write_text
+from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
     VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
-from handclip.metrics import evaluate_ranking, k_reciprocal_rerank, pairwise_distance
+from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, evaluate_ranking, k_reciprocal_rerank,
+                              pairwise_distance)
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
@@ -50,9 +49,9 @@ class EvaluateOptions:
     num_splits: int | None = None
     flip: bool = False
     rerank: bool = False
-    rerank_k1: int = 20
-    rerank_k2: int = 6
-    rerank_lambda: float = 0.3
+    rerank_k1: int = RERANK_K1
+    rerank_k2: int = RERANK_K2
+    rerank_lambda: float = RERANK_LAMBDA
     distance: str = "cosine"
     fusion: str = "score"
     batch_size: int = 128
@@ -134,7 +133,7 @@ def zero_shot_model(arch: str, pretrained: str, image_size: int | None = None, q
                          embedding="proj", neck="none", head="global")
     with torch.random.fork_rng():  # random-init weights (pretrained none) are the same every run
         torch.manual_seed(0)
-        return build_reid_model(config, num_classes=0)
+        return build_reid_model(config, num_classes=0).eval()
 
 
 # ---- protocols ------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def build_protocols(options: EvaluateOptions) -> list[Protocol]:
         return [cross_aspect_protocol(data_root, splits, options.query_aspect, options.gallery_aspect,
                                       options.num_splits)]
     if options.all_aspects:
-        aspects = [a for a in ASPECTS_11K + (ASPECT_HD,) if _has_aspect(splits, a)]
+        aspects = aspects_with_splits(splits)
         if not aspects:
             raise UserError(f"{splits}: no aspect has splits here (run `handclip prepare` first)")
     elif options.aspect:
@@ -168,13 +167,6 @@ def build_protocols(options: EvaluateOptions) -> list[Protocol]:
         raise UserError("evaluate needs --aspect A, --all-aspects, or --query-aspect/--gallery-aspect")
     return [same_aspect_protocol(data_root, splits, a, options.num_splits,
                                  options.gallery_all or a in rule.gallery_all_aspects) for a in aspects]
-
-
-def _has_aspect(splits: Path, aspect: str) -> bool:
-    try:
-        return count_splits(splits, aspect) > 0
-    except UserError:
-        return False
 
 
 def _num_splits(splits: Path, aspect: str, wanted: int | None) -> int:
@@ -255,7 +247,7 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:
-    dataset = ImageDataset(images, None, size=encoder.image_size, cache=True, progress=not options.quiet)
+    dataset = ImageDataset(images, size=encoder.image_size, cache=True, progress=not options.quiet)
     return extract_features(encoder, dataset, batch_size=options.batch_size, flip=uses_flip(options),
                             progress=not options.quiet, desc="encode test images")
 
@@ -316,18 +308,16 @@ def write_results(out: Path, result: dict) -> None:
 
 
 def _write_csv(path: Path, results: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["aspect", "split", *METRIC_KEYS, "num_queries", *VERIFICATION_KEYS])
+    rows = []
     for result in results:
         verification = result["verification"]
         for i, split in enumerate(result["splits"]):
-            writer.writerow([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"],
-                             *_verification_cells(verification["splits"][i])])
+            rows.append([result["aspect"], i, *(f"{split[k]:.6f}" for k in METRIC_KEYS), split["num_queries"],
+                         *_verification_cells(verification["splits"][i])])
         for stat in ("mean", "std"):
-            writer.writerow([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
-                             f"{result[stat]['num_queries']:.1f}", *_verification_cells(verification[stat])])
-    atomic_write_text(path, buffer.getvalue())
+            rows.append([result["aspect"], stat, *(f"{result[stat][k]:.6f}" for k in METRIC_KEYS),
+                         f"{result[stat]['num_queries']:.1f}", *_verification_cells(verification[stat])])
+    atomic_write_csv(path, ["aspect", "split", *METRIC_KEYS, "num_queries", *VERIFICATION_KEYS], rows)
 
 
 def _verification_cells(metrics: dict | None) -> list[str]:
@@ -358,6 +348,6 @@ def write_summary_report(out: Path, protocols: list[Protocol], results: list[dic
 def write_pictures(out: Path, protocol: Protocol, ranking: Ranking, result: dict, options: EvaluateOptions) -> None:
     from handclip.engine.report_writer import write_evaluation_report
 
-    history = [p.parent.parent / "history.csv" for p in options.checkpoints]
+    history = [RunFolder.of_checkpoint(p).history for p in options.checkpoints]
     write_evaluation_report(out, protocol, ranking, result, history_csvs=[h for h in history if h.exists()],
                             show_queries=options.show_queries)

@@ -14,7 +14,10 @@ Terms (``LossConfig`` weights; a weight of 0 leaves the term out entirely):
 - ``arcface``: PML ``ArcFaceLoss`` on the metric features, one per branch; its class weights
   are ordinary parameters of this module (they train with the head learning rate).
 - ``i2t``: CLIP-ReID stage 2, cross-entropy (with the same label smoothing) of the
-  image-to-text logits against the labels; computed only when ``text_logits`` is given.
+  image-to-text logits against the labels; a model without learned identity texts
+  (``with_text=False``) cannot have it: an error when the loss is built.
+
+Each term is a module of ``handclip.losses.terms`` and an entry of its ``LOSS_TERMS`` table.
 
 Per-branch terms are averaged over the branches (``loss.branch_reduction: mean``), so a weight
 means the same for a one-branch and a multi-branch head, or summed (``sum``: BoT, CLIP-HandID and
@@ -28,88 +31,51 @@ but it teaches nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import ArcFaceLoss, SupConLoss, TripletMarginLoss
-from pytorch_metric_learning.miners import BatchHardMiner
-from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
 from handclip.config import LossConfig
 from handclip.errors import UserError
-from handclip.losses.center import CenterLoss
+from handclip.losses.terms import LOSS_TERMS
 
-TERMS = ("ce", "triplet", "center", "supcon", "arcface", "i2t")
+# Keys of a last.pt written before the terms were modules: center.<i>.centers, arcface.<i>.W.
+_OLDER_KEY = re.compile(r"^(center|arcface)\.(\d+)\.")
 
 
 class ReIDLoss(nn.Module):
-    """``forward(outputs, labels, text_logits=None) -> (total, {term: detached scalar})``.
+    """``forward(outputs, labels, text_logits=None) -> (total, {term: detached scalar})``: the
+    weighted sum of the terms whose ``LossConfig`` weight is above 0 (as pytorch-metric-learning's
+    ``MultipleLosses``).
 
     ``outputs`` is the model's dict: ``outputs["logits"]`` a list of per-branch (B, C) logits,
     ``outputs["metric"]`` a list of per-branch (B, D_i) features with D_i = ``feature_dims[i]``.
-    ``total`` is the sum of weight × term over the terms that are on.
+    ``with_text``: the model has learned identity texts (``text_logits`` come with every call).
     """
 
-    def __init__(self, loss_cfg: LossConfig, num_classes: int, feature_dims: list[int]):
+    def __init__(self, loss_cfg: LossConfig, num_classes: int, feature_dims: list[int], with_text: bool = False):
         super().__init__()
-        self.weights = {name: getattr(loss_cfg, name) for name in TERMS if getattr(loss_cfg, name) > 0}
+        self.weights = {name: getattr(loss_cfg, name) for name in LOSS_TERMS if getattr(loss_cfg, name) > 0}
         if not self.weights:
             raise UserError("config section 'loss': every term weight is 0; turn one on, e.g. loss.ce=1.0")
-        self.label_smoothing = loss_cfg.label_smoothing
-        if loss_cfg.branch_reduction not in ("mean", "sum"):
-            raise UserError(f"config key 'loss.branch_reduction': {loss_cfg.branch_reduction!r} is not mean or sum")
-        self.branch_sum = loss_cfg.branch_reduction == "sum"
-        if "triplet" in self.weights:
-            self.miner = BatchHardMiner(distance=LpDistance(normalize_embeddings=False))
-            self.triplet = TripletMarginLoss(
-                margin=0.0 if loss_cfg.triplet_soft else loss_cfg.triplet_margin,
-                smooth_loss=loss_cfg.triplet_soft,
-                distance=LpDistance(normalize_embeddings=False),
-                reducer=MeanReducer(),
-            )
-        if "center" in self.weights:
-            # The center optimizer then sees the gradient of each branch's unweighted center
-            # loss (BoT divides by the weight); see center_parameters().
-            scale = (1 if self.branch_sum else len(feature_dims)) / self.weights["center"]
-            self.center = nn.ModuleList(CenterLoss(num_classes, dim, scale) for dim in feature_dims)
-        if "supcon" in self.weights:
-            self.supcon = SupConLoss(temperature=loss_cfg.supcon_temperature)
-        if "arcface" in self.weights:
-            self.arcface = nn.ModuleList(
-                ArcFaceLoss(num_classes, dim, margin=loss_cfg.arcface_margin, scale=loss_cfg.arcface_scale)
-                for dim in feature_dims
-            )
+        for name in self.weights:
+            if LOSS_TERMS[name].needs_text and not with_text:
+                raise UserError(f"config key 'loss.{name}': needs the learned identity texts of prompt learning "
+                                f"(CLIP-ReID stage 1), which this model has not")
+        self.terms = nn.ModuleDict({name: LOSS_TERMS[name].build(loss_cfg, num_classes, feature_dims)
+                                    for name in self.weights})
+        self._register_load_state_dict_pre_hook(_rename_older_keys)
 
     def forward(self, outputs: dict, labels: torch.Tensor, text_logits: torch.Tensor | None = None):
+        # float32, autocast off: the metric losses and PML's ArcFace (which casts its weights to the
+        # features' dtype) must not run in bf16.
         with torch.autocast(labels.device.type, enabled=False):
-            features = [f.float() for f in outputs.get("metric", [])]
-            terms = {}
-            for name in self.weights:
-                if name == "ce":
-                    terms[name] = self._branches(self._cross_entropy(logits, labels) for logits in outputs["logits"])
-                elif name == "triplet":
-                    terms[name] = self._branches(self.triplet(f, labels, self.miner(f, labels)) for f in features)
-                elif name == "center":
-                    terms[name] = self._branches(loss(f, labels) for loss, f in zip(self.center, features))
-                elif name == "supcon":
-                    terms[name] = self._branches(self.supcon(f, labels) for f in features)
-                elif name == "arcface":
-                    terms[name] = self._branches(loss(f, labels) for loss, f in zip(self.arcface, features))
-                elif name == "i2t" and text_logits is not None:
-                    terms[name] = self._cross_entropy(text_logits, labels)
+            inputs = {**outputs, "text_logits": text_logits}
+            terms = {name: term(inputs, labels) for name, term in self.terms.items()}
             total = sum(self.weights[name] * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}
-
-    def _branches(self, values: Iterable[torch.Tensor]) -> torch.Tensor:
-        """A per-branch term combined over the branches: their mean, or their sum."""
-        stacked = torch.stack(list(values))
-        return stacked.sum() if self.branch_sum else stacked.mean()
-
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     def center_parameters(self) -> Iterator[nn.Parameter]:
         """The class centers, for their own optimizer: plain SGD at ``loss.center_lr`` (BoT: 0.5).
@@ -117,11 +83,19 @@ class ReIDLoss(nn.Module):
         Their gradients are already divided by the center weight (times the number of branches,
         undoing a branch average), so that step size does not depend on ``loss.center``.
         """
-        if "center" in self.weights:
-            yield from (loss.centers for loss in self.center)
+        if "center" in self.terms:
+            yield from (loss.centers for loss in self.terms["center"].branches)
 
     def non_center_parameters(self) -> Iterator[nn.Parameter]:
         """Every other parameter (ArcFace class weights): the head learning rate applies."""
         centers = {id(p) for p in self.center_parameters()}
         yield from (p for p in self.parameters() if id(p) not in centers)
 
+
+def _rename_older_keys(state_dict: dict, prefix: str, *_) -> None:
+    """Resume a run whose last.pt predates the term modules (its loss keys had no ``terms.``)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        older = _OLDER_KEY.match(key[len(prefix):])
+        if older:
+            rest = key[len(prefix) + older.end():]
+            state_dict[f"{prefix}terms.{older[1]}.branches.{older[2]}.{rest}"] = state_dict.pop(key)

@@ -153,10 +153,6 @@ class Backbone(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return self._clip_text().token_embedding
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (N, L) → CLIP text embeddings (N, E), not normalised."""
-        return self._text_tower()(tokens)
-
     def encode_text_embeddings(self, prompt_embeds: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         """Run the text transformer on token EMBEDDINGS (N, L, width), e.g. prompts with learned
         tokens (CLIP-ReID); the feature is taken at ``eot_positions`` (N,) as CLIP does."""
@@ -363,20 +359,38 @@ def _hub_reachable() -> bool:
 
 
 # ---- reading and loading weights ------------------------------------------------------------------
+def _read_safetensors(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _read_torchscript(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+def _read_state_dict(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# A weights file's format → its reader; none unpickles Python objects.
+WEIGHT_FORMATS = {"safetensors": _read_safetensors, "openai-torchscript": _read_torchscript,
+                  "state-dict": _read_state_dict}
+
+
+def weight_format(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    return "openai-torchscript" if _is_torchscript_archive(path) else "state-dict"
+
+
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """(float32 state dict, whether the file is an OpenAI TorchScript archive)."""
-    openai_archive = _is_torchscript_archive(path)
+    file_format = weight_format(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            payload = load_file(str(path))
-        elif openai_archive:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are not
-                payload = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = WEIGHT_FORMATS[file_format](path)
     except pickle.UnpicklingError:
         raise UserError(f"{path}: holds pickled Python objects, which handclip never loads; "
                         f"save a plain state dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
@@ -388,7 +402,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise UserError(f"{path}: not a weights file (it holds a {type(payload).__name__}, not a state dict)")
     state_dict = {key.removeprefix("module."): value.float() if value.is_floating_point() else value
                   for key, value in payload.items() if isinstance(value, torch.Tensor)}
-    return state_dict, openai_archive
+    return state_dict, file_format == "openai-torchscript"
 
 
 def _is_torchscript_archive(path: Path) -> bool:

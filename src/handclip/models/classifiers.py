@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handclip.errors import UserError
 
 
 class LinearClassifier(nn.Linear):
@@ -71,13 +70,14 @@ class ArcFaceClassifier(CosineClassifier):
         return torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin), fallback)
 
 
+# model.classifier → (dim, classes, scale, margin) → classifier; the config's Literal lists these keys.
+CLASSIFIERS = {
+    "linear": lambda dim, num_classes, scale, margin: LinearClassifier(dim, num_classes),
+    "cosine": lambda dim, num_classes, scale, margin: CosineClassifier(dim, num_classes, scale),
+    "arcface": ArcFaceClassifier,
+    "cosface": CosFaceClassifier,
+}
+
+
 def make_classifier(kind: str, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3) -> nn.Module:
-    if kind == "linear":
-        return LinearClassifier(dim, num_classes)
-    if kind == "cosine":
-        return CosineClassifier(dim, num_classes, scale)
-    if kind == "arcface":
-        return ArcFaceClassifier(dim, num_classes, scale, margin)
-    if kind == "cosface":
-        return CosFaceClassifier(dim, num_classes, scale, margin)
-    raise UserError(f"config key 'model.classifier': {kind!r} is not linear, cosine, arcface or cosface")
+    return CLASSIFIERS[kind](dim, num_classes, scale, margin)

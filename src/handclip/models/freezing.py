@@ -28,8 +28,6 @@ def apply_freezing(backbone: Backbone, unfreeze: int | str, bn_policy: str = "tr
         unit = "transformer blocks" if backbone.kind == "vit" else "residual stages"
         raise UserError(f"config key 'model.unfreeze': {unfreeze!r} is not 'all', 'none' or 0..{blocks} "
                         f"({backbone.arch} has {blocks} {unit})")
-    if bn_policy not in ("train", "frozen"):
-        raise UserError(f"config key 'model.bn_policy': {bn_policy!r} is not 'train' or 'frozen'")
     backbone.visual.requires_grad_(False)
     for group in trainable:
         for module in group:

@@ -41,8 +41,6 @@ class PCBHead(GlobalHead):
         super().__init__(backbone, embedding)
         rows, columns = backbone.map_size
         grids = {"horizontal": [(parts, 1)], "vertical": [(1, parts)], "both": [(parts, 1), (1, parts)]}
-        if direction not in grids:
-            raise UserError(f"config key 'model.part_direction': {direction!r} is not horizontal, vertical or both")
         needed = rows if direction == "horizontal" else columns if direction == "vertical" else min(rows, columns)
         if not 1 <= parts <= needed:
             raise UserError(f"config key 'model.parts': {parts} {direction} stripes do not fit the "
@@ -126,14 +124,14 @@ def _conv_bn_relu(channels_in: int, channels_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(channels_in, channels_out, 1), nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True))
 
 
+# model.head → (backbone, embedding, parts, direction) → head; the config's Literal lists these keys.
+HEADS = {
+    "global": lambda backbone, embedding, parts, direction: GlobalHead(backbone, embedding),
+    "pcb": PCBHead,
+    "attention": lambda backbone, embedding, parts, direction: AttentionHead(backbone, embedding),
+}
+
+
 def make_head(kind: str, backbone: Backbone, embedding: str, parts: int = 4,
               direction: str = "horizontal") -> nn.Module:
-    if embedding not in GLOBAL_FEATURES:
-        raise UserError(f"config key 'model.embedding': {embedding!r} is not proj, pre_proj or both")
-    if kind == "global":
-        return GlobalHead(backbone, embedding)
-    if kind == "pcb":
-        return PCBHead(backbone, embedding, parts, direction)
-    if kind == "attention":
-        return AttentionHead(backbone, embedding)
-    raise UserError(f"config key 'model.head': {kind!r} is not global, pcb or attention")
+    return HEADS[kind](backbone, embedding, parts, direction)

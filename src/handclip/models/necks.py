@@ -11,3 +11,7 @@ class BNNeck(nn.BatchNorm1d):
     def __init__(self, dim: int):
         super().__init__(dim)
         self.bias.requires_grad_(False)
+
+
+# model.neck → (dim) → neck; the config's Literal lists these keys.
+NECKS = {"none": lambda dim: nn.Identity(), "bnneck": BNNeck}

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from handclip.config import ModelConfig, OptimConfig
-from handclip.errors import UserError
 from handclip.models.backbones import Backbone, create_backbone
 from handclip.models.classifiers import make_classifier
 from handclip.models.freezing import apply_freezing
 from handclip.models.heads import make_head
-from handclip.models.necks import BNNeck
+from handclip.models.necks import NECKS
 
 
 class ReIDModel(nn.Module):
@@ -29,9 +28,6 @@ class ReIDModel(nn.Module):
                  metric_feature: str = "before_bn", test_feature: str = "after_bn", layer_decay: float = 1.0,
                  penultimate_metric: bool = False):
         super().__init__()
-        for key, value in (("metric_feature", metric_feature), ("test_feature", test_feature)):
-            if value not in ("before_bn", "after_bn"):
-                raise UserError(f"config key 'model.{key}': {value!r} is not before_bn or after_bn")
         self.backbone = backbone
         self.head = head
         self.necks = nn.ModuleList(necks)
@@ -94,9 +90,7 @@ def build_reid_model(model_cfg: ModelConfig, num_classes: int, keep_text: bool =
                                model_cfg.quick_gelu, preprocess, model_cfg.last_stride, model_cfg.pixel_stats)
     apply_freezing(backbone, model_cfg.unfreeze, model_cfg.bn_policy)
     head = make_head(model_cfg.head, backbone, model_cfg.embedding, model_cfg.parts, model_cfg.part_direction)
-    if model_cfg.neck not in ("none", "bnneck"):
-        raise UserError(f"config key 'model.neck': {model_cfg.neck!r} is not none or bnneck")
-    necks = [BNNeck(dim) if model_cfg.neck == "bnneck" else nn.Identity() for dim in head.dims]
+    necks = [NECKS[model_cfg.neck](dim) for dim in head.dims]
     classifiers = [make_classifier(model_cfg.classifier, dim, num_classes, model_cfg.classifier_scale,
                                    model_cfg.classifier_margin) for dim in head.dims] if num_classes > 0 else []
     return ReIDModel(backbone, head, necks, classifiers, model_cfg.metric_feature, model_cfg.test_feature,

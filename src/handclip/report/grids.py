@@ -52,13 +52,6 @@ def ranked_row(dist, query_index: int, query_paths: Sequence, query_ids: Sequenc
                      is_match=[gallery_ids[j] == query_id for j in nearest])
 
 
-def draw_ranked_grid(query_path, query_label: str, gallery_paths: Sequence, gallery_labels: Sequence[str],
-                     scores: Sequence[float], is_match: Sequence[bool], path, thumb: int = 128) -> Path:
-    """One query's row as a PNG at ``path``; see ``draw_ranked_grids``."""
-    row = RankedRow(query_path, query_label, gallery_paths, gallery_labels, scores, is_match)
-    return draw_ranked_grids([row], path, thumb)
-
-
 def draw_ranked_grids(rows: Sequence[RankedRow], path, thumb: int = 128) -> Path:
     """Rows of query + ranked gallery thumbnails as one PNG at ``path`` (written atomically).
 

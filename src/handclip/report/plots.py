@@ -5,7 +5,6 @@ change), so plotting works on headless machines and inside training processes.
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_bytes
+from handclip.history import read_history
 
 
 def plot_cmc(curves: Mapping[str, Sequence[float]], path, title: str = "CMC") -> Path:
@@ -80,18 +80,8 @@ def _plot_series(path: Path, epochs: np.ndarray, series: dict[str, np.ndarray], 
 
 def _read_history(path: Path) -> dict[str, np.ndarray]:
     """Every column as floats (NaN for empty cells)."""
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-    except OSError as error:
-        raise UserError(f"{path}: cannot read the training history ({error.strerror or error})") from None
-    header = reader.fieldnames or []
-    if "epoch" not in header:
-        raise UserError(f"{path}: no 'epoch' column in the training history")
-    for row_number, row in enumerate(rows, start=2):
-        if None in row:  # DictReader files surplus cells under None
-            raise UserError(f"{path}: row {row_number} has more cells than the header has columns")
+    rows = read_history(path)
+    header = list(rows[0]) if rows else ["epoch"]
     columns = {name: np.array([_number(path, row_number, name, row[name])
                                for row_number, row in enumerate(rows, start=2)], dtype=float)
                for name in header}

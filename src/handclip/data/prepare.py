@@ -1,4 +1,4 @@
-"""``handclip prepare``: the published split protocol (MBA-Net / GPA-Net / CLIP-HandID) as CSV manifests.
+"""``handclip prepare``: split preparation under the published protocol (MBA-Net / GPA-Net / CLIP-HandID) as CSV manifests.
 
 11k Hands, each aspect separately, accessory-free images only: train_all = subject ids up to the
 aspect's threshold, test = the rest; val = one random image per train_all identity, train = the
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handclip import __version__
-from handclip.data.aspects import (
+from handclip.hand_datasets import (
     ASPECT_FROM_11K_LABEL,
     ASPECT_HD,
     ASPECTS_11K,
+    HAND_DATASETS,
     TRAIN_ID_THRESHOLD_11K,
     TRAIN_ID_THRESHOLD_HD,
 )
@@ -43,8 +44,8 @@ from handclip.errors import UserError
 from handclip.fileio import atomic_directory, atomic_write_json
 
 HANDINFO_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
-HD_FOLDER = "Original Images"
-HD_SUBJECTS, HD_DISTRACTORS = "1-501", "502-712"
+HD_FOLDER = HAND_DATASETS["hd"].root_entries[0]
+HD_SUBJECTS, HD_DISTRACTORS = "1-501", HAND_DATASETS["hd"].distractors
 HD_DISTRACTOR_ID_OFFSET = 1000  # the published HD script's folder names for 502-712
 _HD_FILE = re.compile(r"^([0-9]+)_")
 _MISSING_SHOWN = 10
@@ -266,6 +267,10 @@ def _require_files(paths: list[Path], listed_in: str, folder: Path) -> None:
 
 # ---- summary ------------------------------------------------------------------------------------
 _SUMMARY_COLUMNS = ("train", "val", "train_all", "test", "query_0", "gallery_0", "gallery_0_all")
+
+
+# A key of HAND_DATASETS → its reader: a new dataset is one table entry plus its function here.
+PREPARERS = {"11k": prepare_11k, "hd": prepare_hd}
 
 
 def format_summary(result: PrepareResult) -> str:

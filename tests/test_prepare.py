@@ -12,9 +12,9 @@ from PIL import Image
 
 import handclip
 from handclip.cli import main
-from handclip.data.aspects import ASPECT_FROM_11K_LABEL, ASPECTS_11K, TRAIN_ID_THRESHOLD_11K
+from handclip.hand_datasets import ASPECT_FROM_11K_LABEL, ASPECTS_11K, TRAIN_ID_THRESHOLD_11K
 from handclip.data.manifests import count_splits, load_split, read_split_csv
-from handclip.data.protocols import format_summary, prepare_11k, prepare_hd
+from handclip.data.prepare import format_summary, prepare_11k, prepare_hd
 from handclip.errors import UserError
 
 HANDINFO_HEADER = ["id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand", "imageName",
