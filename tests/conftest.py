@@ -102,3 +102,15 @@ def write_calibrator():
         return calibrator
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on the 2 shared cores: with a second thread spinning against other processes,
+    small matmuls (the text tower's above all) ran many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

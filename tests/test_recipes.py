@@ -33,12 +33,7 @@ TINY_VIT = {"proj": 64, "pre_proj": 128}  # tiny-vit: CLIP embedding, transforme
 TINY_RN = {"proj": 64, "pre_proj": 512, "penultimate": 256}  # tiny-rn: embedding, layer4 / layer3 channels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- CLIP-ReID stage 1: its SupConLoss -----------------------------------------------------------

@@ -35,14 +35,7 @@ EXTRA = {
 TINY_WIDTH, TINY_EMBED = 128, 64  # tiny-vit: transformer width (patch map channels), CLIP embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on the 2 shared cores: with a second thread spinning against other processes,
-    the text tower's small matmuls ran many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

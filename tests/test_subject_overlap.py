@@ -25,12 +25,7 @@ TINY = ["--set", "model.arch=tiny-vit", "--set", "model.pretrained=none", "--set
 TWO_STAGES = "stages=[{data: {aspects: [dorsal_r]}}, {data: {aspects: [dorsal_l]}}]"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     from handclip.metrics import RERANK_K1, RERANK_K2, RERANK_LAMBDA
     from handclip.published import PROTOCOLS
 
-    parser = _Parser(prog="handclip", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="handclip", description="Fine-tune CLIP image encoders for hand re-identification, "
+                     "evaluate them under the published protocols, and turn them into forensic evidence.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from handclip.errors import UserError
 from typing import Iterable, Mapping, Sequence
 
 
@@ -82,3 +84,13 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_format(payload, path, what: str, marker: str, version: int) -> None:
+    """A ``UserError`` naming ``path`` unless ``payload`` is a mapping with ``format`` ``marker`` and
+    ``version`` ``version`` (handclip's own files: checkpoints, calibrators)."""
+    if not isinstance(payload, dict) or payload.get("format") != marker:
+        raise UserError(f"{path}: not a handclip {what} (no '{marker}' marker)")
+    if payload.get("version") != version:
+        raise UserError(f"{path}: {what} version {payload.get('version')} is not supported "
+                        f"(this handclip reads version {version})")

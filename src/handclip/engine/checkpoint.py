@@ -10,7 +10,7 @@ import torch
 
 from handclip.config import Config, config_from_dict, config_to_dict
 from handclip.errors import UserError
-from handclip.fileio import atomic_write_bytes
+from handclip.fileio import atomic_write_bytes, check_format
 
 CHECKPOINT_FORMAT = "handclip-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -58,11 +58,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds pickled code, which handclip never executes"
         raise UserError(f"{path}: not a handclip checkpoint ({reason[:200]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a handclip checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {payload.get('version')} is not supported "
-                        f"(this handclip reads version {CHECKPOINT_VERSION})")
+    check_format(payload, path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     return payload
 
 

@@ -32,6 +32,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
 from handclip.errors import UserError
+from handclip.fileio import check_format
 
 METHODS = ("logistic", "isotonic", "kde")
 CALIBRATOR_FORMAT = "handclip-calibrator"
@@ -207,11 +208,7 @@ def load_calibrator(path) -> Calibrator:
         raise UserError(f"{file}: not found (a calibration folder made by `handclip calibrate`)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{file}: not a readable calibrator ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != CALIBRATOR_FORMAT:
-        raise UserError(f"{file}: not a handclip calibrator (no '{CALIBRATOR_FORMAT}' marker)")
-    if data.get("version") != CALIBRATOR_VERSION:
-        raise UserError(f"{file}: calibrator version {data.get('version')} is not supported "
-                        f"(this handclip reads version {CALIBRATOR_VERSION})")
+    check_format(data, file, "calibrator", CALIBRATOR_FORMAT, CALIBRATOR_VERSION)
     try:
         method, parameters, bounds = data["method"], data["parameters"], data["bounds"]
         lower, upper = float(bounds["log10_lr_lower"]), float(bounds["log10_lr_upper"])
