@@ -19,6 +19,7 @@ import numpy as np
 from handclip import __version__
 from handclip.data.datasets import ImageDataset
 from handclip.data.manifests import Sample, load_split
+from handclip.data.subjects import SubjectRecord, merge_records, overlapping_subjects, subject_id
 from handclip.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 from handclip.engine.encoder import Encoder
 from handclip.engine.features import extract_features
@@ -26,6 +27,7 @@ from handclip.errors import UserError
 from handclip.fileio import atomic_directory, atomic_write_json, sha256_file
 from handclip.forensic.calibration import METHODS, cross_validated_llr, fit_calibrator, subject_folds
 from handclip.forensic.validation import validation_summary
+from handclip.hand_datasets import DATASET_OF_ASPECT
 from handclip.report.forensic_html import write_validation_report
 
 MIN_PAIRS_PER_CLASS = 30
@@ -73,7 +75,7 @@ def run_calibrate(options: CalibrateOptions) -> dict:
     out = Path(options.out)
     check_replaceable(out, "calibrator.json")
     payload = load_checkpoint(options.checkpoint)
-    samples = calibration_samples(options, training_subjects(payload))
+    samples = calibration_samples(options, training_subjects(payload, options.aspect))
     model, _ = build_model_from_checkpoint(payload, options.checkpoint)
     pairs = score_pairs(Encoder(model, device=options.device), samples, options)
     held_out = cross_validated_llr(options.method, pairs.scores, pairs.same, pairs.first_subjects,
@@ -94,12 +96,18 @@ def run_calibrate(options: CalibrateOptions) -> dict:
     return validation
 
 
-def training_subjects(payload: dict) -> set[str]:
-    """The subjects a checkpoint was trained on (class names are ``subject`` or ``subject|aspect``)."""
-    return {str(name).split("|")[0] for name in payload.get("class_names", [])}
+def training_subjects(payload: dict, aspect: str) -> SubjectRecord:
+    """The subjects a checkpoint was trained on, through every stage and --init-from it descends from
+    (its record); for a checkpoint of older handclip, its class names (``subject`` or ``subject|aspect``)
+    taken as subjects of ``aspect``'s dataset."""
+    record = payload.get("trained_subjects")
+    if record is not None:
+        return record
+    dataset = DATASET_OF_ASPECT.get(aspect, aspect)
+    return merge_records({dataset: [subject_id(str(name).split("|")[0]) for name in payload.get("class_names", [])]})
 
 
-def calibration_samples(options: CalibrateOptions, trained_on: set[str]) -> list[Sample]:
+def calibration_samples(options: CalibrateOptions, trained_on: SubjectRecord) -> list[Sample]:
     """The calibration splits' images, each once. Checked before any image is encoded: no subject
     was a training class, both kinds of pair are numerous enough, the subjects fill the folds."""
     unique = {}
@@ -107,9 +115,9 @@ def calibration_samples(options: CalibrateOptions, trained_on: set[str]) -> list
         for sample in load_split(options.data_root, options.splits, options.aspect, name):
             unique.setdefault(sample.path, sample)
     samples = list(unique.values())
-    leaked = sorted({s.identity for s in samples} & trained_on)
+    leaked = overlapping_subjects(trained_on, samples)
     if leaked:
-        raise UserError(f"{options.checkpoint}: {len(leaked)} calibration subjects (e.g. {leaked[0]}) were training "
+        raise UserError(f"{options.checkpoint}: {len(leaked)} calibration subjects (e.g. {leaked[0][1]}) were training "
                         f"identities of this checkpoint; calibrate on people it never saw (--calibration-splits)")
     check_pair_counts(_pair_labels(samples, *np.triu_indices(len(samples), k=1)))
     subject_folds([s.identity for s in samples], options.folds, options.seed)
