@@ -31,7 +31,8 @@ if [[ -n "${HANDCLIP_BENCH_DRY_RUN:-}" ]]; then
     DEVICE=cpu STEPS=4 EPOCHS=1 SPLITS=2 BATCHES=(16 32) REF_BATCH=8 COMPILED_BATCHES=(16)
     DATA_FLAGS=(--ids 12 --per-aspect 3 --drawn 2 --size 320x240 --workers 2
                 --hd-subjects 452 --hd-photos 2 --hd-distractors 2 --hd-distractor-photos 2)
-    MODEL_FLAGS=(--image-size 64) BENCHMARK_SETS=(--set model.arch=tiny-vit --set model.image_size=64)
+    MODEL_FLAGS=(--image-size 64)
+    BENCHMARK_SETS=(--set model.arch=tiny-vit --set model.image_size=64 --set data.batch_size=16)
     VIT=(--arch tiny-vit) RN=(--arch tiny-rn)
 else
     # 60 steps at batch 64 (fewer at larger batches, the same images): many more batches than JPEG

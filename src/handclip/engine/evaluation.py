@@ -25,8 +25,8 @@ from handclip.errors import UserError
 from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
     VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
-from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, k_reciprocal_rerank,
-                              pairwise_distance, ranking_metrics)
+from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, evaluate_ranking,
+                              k_reciprocal_rerank, pairwise_distance, ranking_metrics)
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
 METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
@@ -232,7 +232,10 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
         g_index = [position[s.path] for s in gallery]
         dist = fused_distance(features, q_index, g_index, options)
         try:
-            metrics = ranking_metrics(dist, [protocol.key(s) for s in queries], [protocol.key(s) for s in gallery])
+            keys = [protocol.key(s) for s in queries], [protocol.key(s) for s in gallery]
+            # on a CPU numpy's sort and bincounts beat torch's (62 vs 182 ms for 990 x 300 on 2 cores)
+            on_host = dist.device.type == "cpu"
+            metrics = evaluate_ranking(dist.numpy(), *keys) if on_host else ranking_metrics(dist, *keys)
         except ValueError:
             raise UserError(f"{options.splits}: no query of '{protocol.name}' has its identity in the gallery; "
                             f"every query is unmatched") from None
@@ -240,7 +243,7 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
         cmcs.append(np.asarray(metrics["cmc"]))
         dist = dist.cpu().numpy()  # for the verification metrics, the score files and the pictures
         scores = 1.0 - dist  # the cosine similarity (with --rerank / euclidean: 1 - that distance)
-        same = pair_labels([protocol.key(s) for s in queries], [protocol.key(s) for s in gallery])
+        same = pair_labels(*keys)
         verification.append(verification_metrics(scores, same))
         if scores_dir is not None:
             save_pair_scores(Path(scores_dir) / f"scores_{split}.npz", scores, same,
