@@ -97,20 +97,21 @@ done
 bench vitb16_eager vitb16-ce-triplet.yaml "${BATCHES[1]}" "${VIT[@]}"
 bench rn50_eager rn50-ce-triplet.yaml "${BATCHES[0]}" "${RN[@]}"
 
-benchmark() {  # aspects
-    phase "benchmark $1: $EPOCHS epochs, published protocol over $SPLITS splits"
+benchmark() {  # name (11k or hd), aspects
+    local name=$1 aspects=$2
+    phase "benchmark $aspects: $EPOCHS epochs, published protocol over $SPLITS splits"
     local data=(--data-11k "$WORK/data/11k")
-    [[ $1 == hd ]] && data=(--data-hd "$WORK/data/hd")
+    [[ $name == hd ]] && data=(--data-hd "$WORK/data/hd")
     handclip benchmark --config configs/vitb16-ce-triplet.yaml --set model.pretrained=none "${BENCHMARK_SETS[@]}" \
-        --set "data.num_workers=$WORKERS" "${data[@]}" --aspects "$1" --epochs "$EPOCHS" --num-splits "$SPLITS" \
-        --device "$DEVICE" --out "$WORK/benchmark_$1" --quiet
+        --set "data.num_workers=$WORKERS" "${data[@]}" --aspects "$aspects" --epochs "$EPOCHS" --num-splits "$SPLITS" \
+        --device "$DEVICE" --out "$WORK/benchmark_$name" --quiet
     # the numbers, not the checkpoints (hundreds of MB each)
-    (cd "$WORK/benchmark_$1" && find . -name '*.json' -o -name '*.md' -o -name history.csv | grep -v '/checkpoints/' |
-        while read -r file; do mkdir -p "$RESULTS/benchmark_$1/$(dirname "$file")"; cp "$file" "$RESULTS/benchmark_$1/$file"; done)
+    (cd "$WORK/benchmark_$name" && find . -name '*.json' -o -name '*.md' -o -name history.csv | grep -v '/checkpoints/' |
+        while read -r file; do mkdir -p "$RESULTS/benchmark_$name/$(dirname "$file")"; cp "$file" "$RESULTS/benchmark_$name/$file"; done)
 }
-benchmark dorsal_r,dorsal_l,palmar_r,palmar_l
+benchmark 11k dorsal_r,dorsal_l,palmar_r,palmar_l
 in_time "bench ViT-B/16 at the reference batch" && bench vitb16_eager vitb16-ce-triplet.yaml "$REF_BATCH" "${VIT[@]}"
-in_time "benchmark hd" && benchmark hd
+in_time "benchmark hd" && benchmark hd hd
 in_time "compiled ViT-B/16 at the reference batch" &&
     bench vitb16_compiled vitb16-ce-triplet.yaml "$REF_BATCH" "${VIT[@]}" "${COMPILED[@]}"
 [[ $DEVICE == cuda ]] && in_time "CUDA graphs at batch 256" &&
