@@ -61,8 +61,14 @@ def test_leaderboard_of_11k_and_hd_and_a_second_call_redoes_nothing(data_11k, da
 
     seconds = board["seconds"]
     phases = ["prepare_11k", "prepare_hd", "train_dorsal_r", "evaluate_dorsal_r", "train_hd", "evaluate_hd"]
-    assert list(seconds) == phases + ["total"]
+    parts = {f"evaluate_{a}_{part}" for a in ("dorsal_r", "hd") for part in ("encode", "after_encoding")}
+    assert [k for k in seconds if k not in parts] == phases + ["total"] and parts <= set(seconds)
     assert all(seconds[p] >= 0 for p in phases) and seconds["total"] >= sum(seconds[p] for p in phases) - 0.5
+    for aspect in ("dorsal_r", "hd"):  # the evaluation's own parts: encoding once, then every split's metrics
+        encode, after = seconds[f"evaluate_{aspect}_encode"], seconds[f"evaluate_{aspect}_after_encoding"]
+        assert 0 < encode and 0 <= after and encode + after <= seconds[f"evaluate_{aspect}"] + 0.1
+        result = json.loads((out / "eval" / aspect / "results.json").read_text())
+        assert result["seconds"]["after_encoding"] == pytest.approx(after, abs=0.05)
     markdown = (out / "leaderboard.md").read_text()
     assert "MBA-Net (paper)" in markdown and "97.45" in markdown and "`published`:" in markdown
     assert "evaluate_hd" in markdown

@@ -144,6 +144,45 @@ def test_batch_hard_triplet_matches_a_manual_loop(soft):
     torch.testing.assert_close(terms["triplet"], sum(losses.mean() for losses in per_anchor) / 2)
 
 
+def pml_batch_hard(features, labels, margin, soft):
+    """The former implementation: pytorch-metric-learning's miner and loss (syncs with the GPU)."""
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.losses import TripletMarginLoss
+    from pytorch_metric_learning.miners import BatchHardMiner
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    miner = BatchHardMiner(distance=LpDistance(normalize_embeddings=False))
+    loss = TripletMarginLoss(margin=0.0 if soft else margin, smooth_loss=soft,
+                             distance=LpDistance(normalize_embeddings=False), reducer=MeanReducer())
+    return loss(features, labels, miner(features, labels))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("labels", [
+    [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5],  # P x K with uneven K
+    [0, 0, 1, 2, 2, 2, 3],  # anchors without a positive (1, 3) take no part
+    [0, 0, 0, 0],  # no negative anywhere: 0
+    [0, 1, 2, 3],  # no positive anywhere: 0
+], ids=["pk", "singletons", "one-identity", "no-pairs"])
+def test_device_batch_hard_triplet_equals_pytorch_metric_learning(labels, soft):
+    from handclip.losses.terms import BatchHardTriplet
+
+    generator = torch.Generator().manual_seed(len(labels))
+    labels = torch.tensor(labels)
+    base = torch.randn(len(labels), 12, generator=generator)
+    base[1] = base[0]  # a zero distance (cdist's gradient there) and tied hardest positives
+    ours, theirs = base.clone().requires_grad_(), base.clone().requires_grad_()
+    value = BatchHardTriplet(0.3, soft)(ours, labels)
+    expected = pml_batch_hard(theirs, labels, 0.3, soft)
+    torch.testing.assert_close(value, torch.as_tensor(expected, dtype=value.dtype), rtol=1e-6, atol=1e-7)
+    value.backward()
+    if torch.is_tensor(expected) and expected.requires_grad:
+        expected.backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+    else:  # PML returns a constant 0 without pairs; ours keeps the graph, with a zero gradient
+        assert value.item() == 0.0 and not ours.grad.any()
+
+
 def test_center_loss_matches_the_formula(data):
     x, labels = data
     outputs = TwoBranchModel()(x)

@@ -249,3 +249,29 @@ def test_rerank_at_lambda_one_keeps_the_ranking_and_by_default_helps_clustered_f
         assert unchanged[key] == pytest.approx(plain[key]), key
     reranked = evaluate_ranking(k_reciprocal_rerank(*distances), query_ids, gallery_ids)
     assert reranked["mAP"] > plain["mAP"]
+
+
+# ---- the same metrics on the device ---------------------------------------------------------------
+@pytest.mark.parametrize("queries, gallery, identities, tie_levels", [
+    (200, 60, 30, None),  # some queries unmatched, some identities several times in the gallery
+    (50, 7, 5, 3),  # a gallery smaller than rank 10, and many tied distances (stable order)
+    (300, 120, 40, 10),
+])
+def test_ranking_metrics_on_the_device_equal_the_numpy_ones(queries, gallery, identities, tie_levels):
+    from handclip.metrics import distance_matrix, ranking_metrics
+
+    rng = np.random.default_rng(queries)
+    query_ids = [f"{i:07d}|dorsal_r" for i in rng.integers(0, identities, queries)]
+    gallery_ids = [f"{i:07d}|dorsal_r" for i in rng.integers(0, identities, gallery)]
+    query_ids[0] = "unmatched"
+    dist = distance_matrix(torch.randn(queries, 16), torch.randn(gallery, 16))
+    if tie_levels:
+        dist = (dist * tie_levels).round() / tie_levels
+    expected = evaluate_ranking(dist.numpy(), query_ids, gallery_ids)
+    result = ranking_metrics(dist, query_ids, gallery_ids)
+    assert result.keys() == expected.keys() and result["num_queries"] == expected["num_queries"] < queries
+    np.testing.assert_allclose(result["cmc"], expected["cmc"], rtol=0, atol=1e-12)
+    for key in ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
+    with pytest.raises(ValueError, match="no query"):
+        ranking_metrics(dist[:1], ["unmatched"], gallery_ids)

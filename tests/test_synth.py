@@ -158,8 +158,8 @@ def test_identity_is_present_but_pixels_and_colour_do_not_find_it():
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     runs = {}
-    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        synthesize(tmp_path / name, ids=2, per_aspect=2, size=(48, 36), seed=seed)
+    for name, seed, workers in (("a", 5, 1), ("b", 5, 2), ("c", 6, 1)):  # b: drawn by two processes
+        synthesize(tmp_path / name, ids=2, per_aspect=2, size=(48, 36), seed=seed, workers=workers)
         runs[name] = {p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()}
     assert runs["a"] == runs["b"]
     jpegs = [p for p in runs["a"] if p.suffix == ".jpg"]

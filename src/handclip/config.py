@@ -120,6 +120,12 @@ class OptimConfig:
     schedule_offset: int = 0
     bias_lr_mult: float = 1.0  # lr of every bias parameter x this (CLIP-ReID: 2)
     bias_weight_decay: Optional[float] = None  # null: optim.weight_decay
+    # The fused (one kernel for all parameters) Adam/AdamW/SGD step; auto: on a GPU.
+    fused: Union[bool, Literal["auto"]] = "auto"
+    # Larger batches: the batch size optim.lr was chosen for. Set, every lr is multiplied by
+    # (data.batch_size x processes) / lr_batch_size (linear) or its square root (sqrt); null: as given.
+    lr_batch_size: Optional[int] = None
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
 
 
 @dataclass
@@ -147,7 +153,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
-    compile: bool = False
+    # torch.compile of the training forward: false, true (= default), or an inductor mode;
+    # reduce-overhead adds CUDA graphs (GPU only, static shapes: P x K or drop-last batches).
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     eval_every: int = 1
     eval_batch_size: int = 128
     # Which epoch best.pt keeps: highest val mAP, highest val classification accuracy (CLIP-HandID),
@@ -335,6 +343,8 @@ def _check_values(config: Config) -> None:
         raise UserError("config key 'model.last_stride': expected 1, 2 or null")
     if not 0.0 <= config.optim.warmup_start_factor <= 1.0:
         raise UserError("config key 'optim.warmup_start_factor': must lie in [0, 1]")
+    if config.optim.lr_batch_size is not None and config.optim.lr_batch_size < 1:
+        raise UserError("config key 'optim.lr_batch_size': must be >= 1 or null")
     if config.optim.schedule_offset < 0:
         raise UserError("config key 'optim.schedule_offset': must be >= 0")
     for section, value in (("loss", config.loss), ):

@@ -18,17 +18,20 @@ def pairwise_distance(query_feats, gallery_feats, metric: str = "cosine") -> np.
     ``cosine``: 1 - cosine similarity of the L2-normalised features (in [0, 2]).
     ``euclidean``: plain (not squared) L2 distance of the features as given.
     """
+    return distance_matrix(query_feats, gallery_feats, metric).cpu().numpy()
+
+
+def distance_matrix(query_feats, gallery_feats, metric: str = "cosine") -> torch.Tensor:
+    """``pairwise_distance`` as a float32 tensor on the query features' device."""
     query = torch.as_tensor(query_feats).float()
     gallery = torch.as_tensor(gallery_feats).float().to(query.device)
     if metric == "cosine":
         query = torch.nn.functional.normalize(query, dim=1)
         gallery = torch.nn.functional.normalize(gallery, dim=1)
-        dist = 1.0 - query @ gallery.T
-    elif metric == "euclidean":
-        dist = torch.cdist(query, gallery)
-    else:
-        raise ValueError(f"unknown distance metric '{metric}' (expected 'cosine' or 'euclidean')")
-    return dist.cpu().numpy()
+        return 1.0 - query @ gallery.T
+    if metric == "euclidean":
+        return torch.cdist(query, gallery)
+    raise ValueError(f"unknown distance metric '{metric}' (expected 'cosine' or 'euclidean')")
 
 
 def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[Hashable],
@@ -82,6 +85,45 @@ def evaluate_ranking(dist, query_ids: Sequence[Hashable], gallery_ids: Sequence[
         "mINP": float(inverse_negative_penalty.mean()),
         "num_queries": int(len(matches)),
     }
+
+
+def ranking_metrics(dist: torch.Tensor, query_ids: Sequence[Hashable], gallery_ids: Sequence[Hashable],
+                    max_rank: int = 10) -> dict:
+    """``evaluate_ranking`` computed where ``dist`` lives (a GPU: one sort of the whole (Q, G) matrix,
+    the rest elementwise), with the same keys, definitions and values (float64 sums). One read of
+    the device at the end."""
+    if dist.shape != (len(query_ids), len(gallery_ids)):
+        raise ValueError(f"dist has shape {tuple(dist.shape)}, expected ({len(query_ids)}, {len(gallery_ids)})")
+    query_codes, gallery_codes = (torch.from_numpy(c).to(dist.device) for c in _encode_ids(query_ids, gallery_ids))
+    order = torch.sort(dist, dim=1, stable=True).indices
+    matches = gallery_codes[order] == query_codes[:, None]
+    num_matches = matches.sum(dim=1)
+    matched = num_matches > 0
+    count = matched.sum()
+    ranks = torch.arange(dist.shape[1], device=dist.device, dtype=torch.float64)  # 0-based
+    hits = matches.cumsum(dim=1, dtype=torch.float64)  # true matches up to and including each rank
+    precision = hits / (ranks + 1)
+    precision_before = torch.where(ranks > 0, (hits - 1) / ranks.clamp(min=1), 1.0)
+    per_match = num_matches.clamp(min=1).double()
+    average_precision = torch.where(matches, precision, 0.0).sum(dim=1) / per_match
+    trapezoid_ap = torch.where(matches, (precision_before + precision) / 2, 0.0).sum(dim=1) / per_match
+    first_hit = matches.int().argmax(dim=1)  # the first True (argmax returns the first maximum)
+    last_hit = dist.shape[1] - 1 - matches.flip(1).int().argmax(dim=1)
+    inverse_negative_penalty = num_matches / (last_hit + 1).double()
+    cmc = first_hit[:, None] < torch.arange(1, max_rank + 1, device=dist.device)
+
+    def mean(values: torch.Tensor) -> torch.Tensor:  # over the queries with a true match
+        return torch.where(matched[:, None] if values.dim() == 2 else matched, values.double(), 0.0).sum(0) / count
+
+    ranks_k = torch.tensor([1, 5, 10], device=dist.device)
+    summary = torch.cat([mean(cmc), mean(first_hit[:, None] < ranks_k), mean(average_precision)[None],
+                         mean(trapezoid_ap)[None], mean(inverse_negative_penalty)[None], count[None].double()])
+    values = summary.tolist()
+    if values[-1] == 0:
+        raise ValueError("no query has its identity in the gallery")
+    rank1, rank5, rank10, m_ap, m_ap_trapezoid, m_inp = values[max_rank:max_rank + 6]
+    return {"cmc": np.array(values[:max_rank]), "rank1": rank1, "rank5": rank5, "rank10": rank10, "mAP": m_ap,
+            "mAP_trapezoid": m_ap_trapezoid, "mINP": m_inp, "num_queries": int(values[-1])}
 
 
 def ranked_matches(dist, query_ids: Sequence[Hashable],

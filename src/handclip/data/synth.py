@@ -16,7 +16,10 @@ from __future__ import annotations
 import colorsys
 import io
 import math
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -123,34 +126,44 @@ NEUTRAL_SCENE = Scene(rotation=0.0, scale=1.0, shift=(0.0, 0.0), tilt=1.0, backg
 # ---------------------------------------------------------------- the dataset
 
 
-def synthesize(out, ids: int = 40, per_aspect: int = 4, size: tuple[int, int] = (160, 120), seed: int = 0) -> dict:
+def synthesize(out, ids: int = 40, per_aspect: int = 4, size: tuple[int, int] = (160, 120), seed: int = 0,
+               workers: int = 1) -> dict:
     """Write ``out/Hands/*.jpg`` and ``out/HandInfo.csv`` (11k Hands format); return the counts.
 
     ``out`` is replaced whole, so it must be missing, empty, or an earlier synth output.
-    Same arguments → byte-identical files.
+    Same arguments → byte-identical files, whatever ``workers`` (processes drawing the photos).
     """
     out = Path(out)
     _check_arguments(out, ids, per_aspect, size, seed)
+    plan = []  # (person, 11k aspect label, rng seed, accessory), in file-number order
     rows = []
-    with atomic_directory(out) as tmp:
+    for index, subject in enumerate(subject_ids(ids)):
+        person = make_person(seed, index)
+        for aspect_index, aspect in enumerate(ASPECT_LABELS):
+            accessories = [None] * per_aspect
+            if index % ACCESSORY_EVERY == 0:
+                accessories.append(("ring", "watch")[(index // ACCESSORY_EVERY + aspect_index) % 2])
+            for photo, accessory in enumerate(accessories):
+                plan.append((person, aspect, (seed, 1, index, aspect_index, photo), accessory))
+                rows.append(_csv_row(subject, person, aspect, f"Hand_{len(rows) + 1:07d}.jpg", accessory is not None))
+    draw = partial(_photo_jpeg, size=size)
+    with atomic_directory(out) as tmp, ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         (tmp / "Hands").mkdir()
-        for index, subject in enumerate(subject_ids(ids)):
-            person = make_person(seed, index)
-            for aspect_index, aspect in enumerate(ASPECT_LABELS):
-                accessories = [None] * per_aspect
-                if index % ACCESSORY_EVERY == 0:
-                    accessories.append(("ring", "watch")[(index // ACCESSORY_EVERY + aspect_index) % 2])
-                for photo, accessory in enumerate(accessories):
-                    rng = np.random.default_rng([seed, 1, index, aspect_index, photo])
-                    image = render_photo(person, aspect, size, rng, accessory=accessory)
-                    name = f"Hand_{len(rows) + 1:07d}.jpg"
-                    (tmp / "Hands" / name).write_bytes(_jpeg(image, quality=int(rng.integers(60, 96))))
-                    rows.append(_csv_row(subject, person, aspect, name, accessory is not None))
+        photos = pool.map(draw, plan, chunksize=8) if pool else map(draw, plan)
+        for row, jpeg in zip(rows, photos):
+            (tmp / "Hands" / row[HAND_INFO_COLUMNS.index("imageName")]).write_bytes(jpeg)
         (tmp / "HandInfo.csv").write_text(csv_text(HAND_INFO_COLUMNS, rows), encoding="utf-8")
         (tmp / MARKER_FILE).write_text(
             f"written by: handclip synth --ids {ids} --per-aspect {per_aspect} --size {size[0]}x{size[1]} "
             f"--seed {seed}\nthis folder is replaced whole by the next synth run into it\n", encoding="utf-8")
     return {"images": len(rows), "identities": ids}
+
+
+def _photo_jpeg(item: tuple, size: tuple[int, int]) -> bytes:
+    person, aspect, rng_seed, accessory = item
+    rng = np.random.default_rng(list(rng_seed))
+    image = render_photo(person, aspect, size, rng, accessory=accessory)
+    return _jpeg(image, quality=int(rng.integers(60, 96)))
 
 
 def subject_ids(count: int) -> list[str]:

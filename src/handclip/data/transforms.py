@@ -88,7 +88,8 @@ class RandomDraws:
 
     def integers(self, high: torch.Tensor | int) -> torch.Tensor:
         """(B,) integers in [0, high] (inclusive), ``high`` per sample or shared."""
-        return (self.uniform() * (torch.as_tensor(high, device=self.device) + 1)).long()
+        # a Python bound stays a Python number: a tensor made from it would be a host-to-device copy
+        return (self.uniform() * (high + 1)).long()
 
     def chance(self, p: float) -> torch.Tensor:
         """(B,) booleans, each True with probability ``p``."""

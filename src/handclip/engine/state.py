@@ -22,7 +22,7 @@ from handclip.data.transforms import TrainTransform
 from handclip.engine import distributed
 from handclip.engine.checkpoint import FROZEN_TEXT_PREFIX, checkpoint_architecture, load_checkpoint
 from handclip.engine.encoder import Encoder, resolve_device
-from handclip.engine.schedule import build_optimizer, build_scheduler
+from handclip.engine.schedule import build_optimizer, build_scheduler, scale_lr_to_batch, uses_fused_optimizer
 from handclip.errors import UserError
 from handclip.losses.combined import ReIDLoss
 from handclip.models.reid import ReIDModel, build_reid_model
@@ -51,6 +51,7 @@ class TrainingState:
     text_features: torch.Tensor | None = None  # learned identity text features, (classes, E)
     best_metrics: dict = field(default_factory=dict)
     images_seconds: float = 0.0  # opening the image cache (decoding unless an earlier run did)
+    cuda_graphs: bool = False  # train.compile reduce-overhead on a GPU: each step replays CUDA graphs
 
     def training_state(self, epoch: int) -> dict:
         """What last.pt holds besides the weights, for resume."""
@@ -97,7 +98,8 @@ def build_training(config: Config, data: TrainingData, device: torch.device, ini
     loss_params = [p for p in loss_fn.non_center_parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": config.optim.lr * config.optim.head_lr_mult, "name": "loss"})
-    optimizer = build_optimizer(groups, config.optim, fused=device.type == "cuda")
+    groups = scale_lr_to_batch(groups, config.optim, config.data.batch_size * distributed.world_size())
+    optimizer = build_optimizer(groups, config.optim, fused=uses_fused_optimizer(config.optim, device))
     centers = list(loss_fn.center_parameters())
     channels_last = device.type == "cuda" and model.backbone.kind == "rn"
     started = time.perf_counter()
@@ -105,9 +107,10 @@ def build_training(config: Config, data: TrainingData, device: torch.device, ini
                            progress=not quiet)
     images_seconds = time.perf_counter() - started
     sampler = make_sampler(config, data)
+    mode = compile_mode(config.train.compile, device)
     return TrainingState(
         config=config, data=data, device=device, model=model,
-        forward=_training_forward(model, device, channels_last, config.train.compile),
+        forward=_training_forward(model, device, channels_last, mode),
         loss_fn=loss_fn, optimizer=optimizer,
         center_optimizer=torch.optim.SGD(centers, lr=config.loss.center_lr) if centers else None,
         scheduler=build_scheduler(optimizer, config.optim, config.train.epochs),
@@ -116,7 +119,7 @@ def build_training(config: Config, data: TrainingData, device: torch.device, ini
         dataset=dataset, labels=torch.tensor(data.labels), sampler=sampler,
         loader=BatchLoader(dataset, sampler, config.data.num_workers, pin_memory=device.type == "cuda"),
         channels_last=channels_last, uses_prompts=uses_prompts, trained_subjects=trained_subjects,
-        images_seconds=images_seconds)
+        images_seconds=images_seconds, cuda_graphs=mode == "reduce-overhead")
 
 
 # Training images are stored this much above the model's input (256 for 224), room for the random crop.
@@ -144,16 +147,32 @@ def make_sampler(config: Config, data: TrainingData) -> PKSampler | RandomBatchS
                               drop_last=len(data.train) >= cfg.batch_size * ranks["world_size"], **ranks)
 
 
-def _training_forward(model: ReIDModel, device: torch.device, channels_last: bool, compile: bool) -> Callable:
+def compile_mode(setting: bool | str, device: torch.device) -> str | None:
+    """``train.compile`` as a torch.compile mode (None: not compiled). CUDA graphs
+    (reduce-overhead) exist on CUDA devices only: elsewhere the default mode, with a note."""
+    if setting is False:
+        return None
+    mode = "default" if setting is True else setting
+    if mode == "reduce-overhead" and device.type != "cuda":
+        if distributed.is_main():
+            print(f"handclip: note: train.compile reduce-overhead adds CUDA graphs, which need a CUDA device; "
+                  f"compiling in the default mode on {device.type}", file=sys.stderr)
+        return "default"
+    return mode
+
+
+def _training_forward(model: ReIDModel, device: torch.device, channels_last: bool, mode: str | None) -> Callable:
     """The model as a training step calls it: in DistributedDataParallel under torchrun, compiled
-    with train.compile; ResNets channels-last on a GPU (tensor-core convolutions)."""
+    in ``mode`` (train.compile; None: eager); ResNets channels-last on a GPU (tensor-core convolutions).
+    CUDA graphs need fixed shapes: P x K batches always have them, shuffled ones drop the last batch
+    (``make_sampler``) unless the training set is smaller than one batch."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: find the fastest kernels once
         torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls outside autocast
     if channels_last:
         model.to(memory_format=torch.channels_last)
     forward = distributed.wrap_model(model, device)
-    return torch.compile(forward) if compile else forward
+    return torch.compile(forward, mode=mode) if mode else forward
 
 
 def init_weights(model: torch.nn.Module, path: Path) -> dict:

@@ -142,6 +142,8 @@ class Trainer:
         CPU wait for the GPU."""
         state = self.state
         optimizers = [o for o in (state.optimizer, state.center_optimizer) if o is not None]
+        if state.cuda_graphs:  # a new iteration: the graphs may reuse the previous step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             with autocast(state.device, self.config.train.amp):
                 outputs = state.forward(images, labels)

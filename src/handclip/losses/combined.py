@@ -3,9 +3,9 @@
 Terms (``LossConfig`` weights; a weight of 0 leaves the term out entirely):
 
 - ``ce``: identity cross-entropy with label smoothing on every branch's logits.
-- ``triplet``: batch-hard triplet (pytorch-metric-learning ``BatchHardMiner`` +
-  ``TripletMarginLoss``) on the Euclidean distance of the *un-normalised* metric features, as
-  Bag of Tricks and CLIP-ReID do, averaged over all anchors (BoT's ``MarginRankingLoss``
+- ``triplet``: batch-hard triplet (pytorch-metric-learning's ``BatchHardMiner`` +
+  ``TripletMarginLoss``, recomputed with masks so that the step never waits for the GPU) on the
+  Euclidean distance of the *un-normalised* metric features, as Bag of Tricks and CLIP-ReID do, averaged over all anchors (BoT's ``MarginRankingLoss``
   mean; PML's default would average only the non-zero triplets). ``triplet_soft`` uses
   ``softplus(d_ap - d_an)`` = ``log(1 + exp(d_ap - d_an))`` (BoT's soft margin) instead of
   ``relu(d_ap - d_an + margin)``.

@@ -10,15 +10,13 @@ Adding a term: a ``LossConfig`` weight (and its settings), its module here, one 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import ArcFaceLoss, SupConLoss, TripletMarginLoss
-from pytorch_metric_learning.miners import BatchHardMiner
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.losses import ArcFaceLoss, SupConLoss
 from torch import nn
 
 from handclip.config import LossConfig
@@ -56,16 +54,28 @@ class SmoothedCrossEntropy(nn.Module):
 class BatchHardTriplet(nn.Module):
     """Batch-hard triplet on the Euclidean distance of the un-normalised features, averaged over
     all anchors (BoT's mean; PML's default would average only the non-zero triplets); soft:
-    ``softplus(d_ap - d_an)`` instead of ``relu(d_ap - d_an + margin)``."""
+    ``softplus(d_ap - d_an)`` instead of ``relu(d_ap - d_an + margin)``.
+
+    The result of pytorch-metric-learning's ``BatchHardMiner`` + ``TripletMarginLoss`` with
+    ``LpDistance(normalize_embeddings=False)`` and a ``MeanReducer``, computed with masks on the
+    whole (B, B) distance matrix instead of index lists: PML's ``torch.where`` and ``len(...)``
+    wait for the GPU at every step, this never does. Anchors without a positive or a negative in
+    the batch take no part (0 when none has both, with a graph)."""
 
     def __init__(self, margin: float, soft: bool):
         super().__init__()
-        self.miner = BatchHardMiner(distance=LpDistance(normalize_embeddings=False))
-        self.loss = TripletMarginLoss(margin=0.0 if soft else margin, smooth_loss=soft,
-                                      distance=LpDistance(normalize_embeddings=False), reducer=MeanReducer())
+        self.margin, self.soft = margin, soft
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(features, labels, self.miner(features, labels))
+        dist = torch.cdist(features, features)
+        same = labels[:, None] == labels[None, :]
+        positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        hardest_positive = dist.masked_fill(~positive, -math.inf).max(dim=1).values
+        hardest_negative = dist.masked_fill(same, math.inf).min(dim=1).values
+        anchors = positive.any(dim=1) & ~same.all(dim=1)
+        violation = hardest_positive - hardest_negative
+        losses = F.softplus(violation) if self.soft else F.relu(violation + self.margin)
+        return torch.where(anchors, losses, 0.0).sum() / anchors.sum().clamp(min=1)
 
 
 class TextCrossEntropy(nn.Module):
