@@ -1,4 +1,4 @@
-"""handclip search: the results files, the same ranking as evaluate, exact float16/faiss rankings,
+"""handclip search: the results files, the same ranking as evaluate, exact float16/int8 rankings,
 the calibration hook, the audit log, and bad input."""
 import json
 import re
@@ -17,7 +17,8 @@ from handclip.forensic import verbal_equivalent
 from handclip.gallery import EnrolItem, Gallery, enrol
 from handclip.metrics import ranked_matches
 from handclip.search.calibration import add_likelihood_ratios, load_calibration
-from handclip.search.index import FeatureIndex, choose_backend, faiss_available
+from handclip.search.index import FLOAT16_BOUND, FeatureIndex, choose_backend, faiss_available
+from handclip.search.searcher import gallery_index
 
 
 @pytest.fixture(scope="module")
@@ -84,41 +85,100 @@ def test_search_ranks_the_gallery_as_evaluate_does(checkpoint, synth_root, split
         np.testing.assert_allclose([1 - r["score"] for r in entry["results"]], query_dist[expected], atol=1e-5)
 
 
-def test_top_k_of_every_backend_is_the_exact_stable_ranking():
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((40, 48)).astype(np.float32)
-    features = centres[rng.integers(0, 40, 3000)] + 0.3 * rng.standard_normal((3000, 48)).astype(np.float32)
+BACKENDS = ["float32", "float16"] + (["int8"] if faiss_available() else [])
+
+
+def assert_exact_ranking(features, queries, rows, scores, top):
+    """Against an independent float64 computation: the scores are the rows' cosines (to float32
+    rounding), best first (by evaluate's float32 distance), nothing better left out, no row twice."""
+    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    exact = unit(queries) @ unit(features).T
+    assert rows.shape == scores.shape == (len(queries), min(top, len(features)))
+    for row, score, truth in zip(rows, scores, exact):
+        assert len(set(row.tolist())) == len(row)
+        np.testing.assert_allclose(score, truth[row], rtol=0, atol=1e-6)
+        assert np.all(np.diff(np.float32(1) - score) >= 0)  # evaluate's float32 distance, ascending
+        left_out = np.delete(truth, row)
+        assert left_out.size == 0 or left_out.max() <= score[-1] + 1e-6
+
+
+def clustered(rng, rows, dim, clusters=40, spread=0.3):
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    features = centres[rng.integers(0, clusters, rows)] + spread * rng.standard_normal((rows, dim)).astype(np.float32)
+    return centres, features
+
+
+@pytest.mark.parametrize("dim", [48, 64])  # faiss scans int8 queries when dim % 16 == 0, float ones otherwise
+def test_every_backend_gives_the_exact_stable_ranking(dim):
+    rng = np.random.default_rng(dim)
+    centres, features = clustered(rng, 3000, dim)
     features[10] = features[2900]  # a tie: the earlier row must come first
-    features = features / np.linalg.norm(features, axis=1, keepdims=True)
-    queries = np.concatenate([features[[2900]], centres[:5] + 0.1 * rng.standard_normal((5, 48)).astype(np.float32)])
-    backends = ["float32", "float16"] + (["faiss"] if faiss_available() else [])
-    for backend in backends:
-        index = FeatureIndex.from_matrix(features, backend=backend)
-        stored = torch.nn.functional.normalize(torch.from_numpy(features), dim=1)
-        stored = (stored if backend == "float32" else stored.half().float()).numpy()
-        exact = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1).numpy() @ stored.T
-        rows, scores = index.search(queries, top=25)
-        assert rows.shape == scores.shape == (len(queries), 25)
-        for row, score, truth in zip(rows, scores, exact):
-            expected = np.argsort(1 - truth, kind="stable")[:25]
-            if backend == "faiss":  # its float16 codes round on their own, and it orders exact ties its own way
-                np.testing.assert_allclose(score, truth[row], atol=1e-4)
-                np.testing.assert_allclose(score, truth[expected], atol=1e-4)
-            else:
-                np.testing.assert_allclose(score, truth[expected], atol=1e-5)
-                assert list(row) == list(expected), backend
-        assert list(rows[0][:2]) in ([10, 2900], [2900, 10])
-    assert list(FeatureIndex.from_matrix(features, "float32").search(queries[:1], 2)[0][0]) == [10, 2900]
-    assert FeatureIndex.from_matrix(features[:3], "float32").search(queries, top=10)[0].shape == (6, 3)
+    features[20] = features[2900]  # and another
+    queries = np.concatenate([features[[2900]], centres[:5] + 0.1 * rng.standard_normal((5, dim)).astype(np.float32)])
+    for top in (1, 25, 2000, 3000, 5000):
+        results = {backend: FeatureIndex.from_matrix(features, backend).search(queries, top) for backend in BACKENDS}
+        for backend, (rows, scores) in results.items():
+            assert_exact_ranking(features, queries, rows, scores, top)
+            # the compact scans only pick candidates: the ranks and float32 scores are the exact ones, bit for bit
+            np.testing.assert_array_equal(rows, results["float32"][0])
+            np.testing.assert_array_equal(scores, results["float32"][1])
+        assert results["float32"][0][0][:3].tolist() == [10, 20, 2900][:top]
+
+
+def test_exact_when_later_rows_exceed_the_first_rows_range_and_scores_crowd():
+    """int8 codes take their scales from the first chunk: later, larger rows are clipped (and always
+    rescored); near-duplicates crowd the top within the scan's error, so its shortlist must grow."""
+    rng = np.random.default_rng(1)
+    _, spread = clustered(rng, 2000, 64, clusters=20)
+    spread[:, :8] *= 0.05  # the first chunk barely uses 8 dimensions, which the crowd uses fully
+    crowd = rng.standard_normal(64).astype(np.float32) + 0.002 * rng.standard_normal((2500, 64)).astype(np.float32)
+    features = np.concatenate([spread, crowd])
+    queries = np.concatenate([crowd[:2], spread[5:7]])
+    chunks = [(len(features), [str(i)] * 1000, features[i:i + 1000]) for i in range(0, len(features), 1000)]
+    exact = FeatureIndex.from_matrix(features, "float32").search(queries, 30)
+    assert_exact_ranking(features, queries, *exact, 30)
+    for backend in BACKENDS[1:]:
+        _, index = FeatureIndex.from_chunks(chunks, 64, backend, exact_rows=lambda rows: features[rows])
+        for got, want in zip(index.search(queries, 30), exact):
+            np.testing.assert_array_equal(got, want)
+    if faiss_available():
+        _, index = FeatureIndex.from_chunks(chunks, 64, "int8", exact_rows=lambda rows: features[rows])
+        assert len(index._scan.outliers) > 0  # the case this test is about did happen
+
+
+def test_float16_scan_error_is_within_its_bound():
+    rng = np.random.default_rng(2)
+    for dim in (48, 512):
+        gallery = torch.nn.functional.normalize(torch.randn(20_000, dim), dim=1)
+        gallery[:5000] = torch.nn.functional.normalize(torch.rand(5000, dim), dim=1)  # all terms of one sign
+        query = torch.nn.functional.normalize(torch.from_numpy(rng.random(dim, dtype=np.float32)), dim=0)
+        scanned = torch.mv(gallery.half(), query.half()).double()
+        assert (scanned - gallery.double() @ query.double()).abs().max() <= FLOAT16_BOUND
+
+
+def test_compact_backends_rescore_from_the_gallery_file(gallery_db):
+    with Gallery.open(gallery_db) as gallery:
+        sha256s, exact = gallery_index(gallery, "float32")
+        _, stored, features = next(gallery.feature_chunks())
+        np.testing.assert_array_equal(gallery.features_of([stored[3], stored[0]]), features[[3, 0]])
+        queries = features[:4] + 0.05 * np.random.default_rng(3).standard_normal(features[:4].shape, dtype=np.float32)
+        for backend in BACKENDS[1:]:
+            compact_sha256s, index = gallery_index(gallery, backend)
+            assert compact_sha256s == sha256s and index.backend == backend
+            for got, want in zip(index.search(queries, 7), exact.search(queries, 7)):
+                np.testing.assert_array_equal(got, want)
+        with pytest.raises(UserError, match="removed during the search"):
+            gallery.features_of([stored[0], "0" * 64])
 
 
 def test_backend_by_gallery_size():
     assert choose_backend(100_000) == "float32"
-    assert choose_backend(100_001) == "float16"
-    assert choose_backend(1_000_000) == "float16"
-    assert choose_backend(1_000_001) == ("faiss" if faiss_available() else "float16")
+    assert choose_backend(100_001) == ("int8" if faiss_available() else "float16")
+    assert choose_backend(5_000_000) == ("int8" if faiss_available() else "float16")
     assert choose_backend(5, "float16") == "float16"
-    index = FeatureIndex(200_000, 8)
+    with pytest.raises(ValueError, match="exact_rows"):
+        FeatureIndex(200_000, 8)
+    index = FeatureIndex(200_000, 8, "float16", exact_rows=lambda rows: None)
     assert index.backend == "float16" and index.nbytes == 200_000 * 8 * 2
 
 

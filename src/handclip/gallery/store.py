@@ -320,6 +320,22 @@ class Gallery:
             raise UserError(f"{self.path}: {_describe(exc)}") from None
 
     @_database_errors
+    def features_of(self, sha256s: list[str]) -> np.ndarray:
+        """The stored float32 features of the given images, one row each in the order given; an image
+        no longer in the gallery (removed by another process meanwhile) is a ``UserError``."""
+        found = {}
+        for start in range(0, len(sha256s), 500):
+            chunk = sha256s[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(self.connection.execute(f"SELECT sha256, features FROM images WHERE sha256 IN ({marks})",
+                                                 chunk))
+        missing = [sha for sha in sha256s if sha not in found]
+        if missing:
+            raise UserError(f"{self.path}: image {missing[0][:16]}… was removed during the search; search again")
+        dim = self.model.feature_dim
+        return np.frombuffer(b"".join(found[sha] for sha in sha256s), dtype=FEATURE_DTYPE).reshape(len(sha256s), dim)
+
+    @_database_errors
     def records(self, sha256s: list[str]) -> dict[str, dict]:
         """The stored fields (no features) of the given images, by sha256."""
         found = {}

@@ -22,7 +22,7 @@ import torch
 from handclip.fileio import atomic_write_json
 from handclip.gallery.enrol import collect_images, enrol
 from handclip.gallery.store import Gallery, GalleryRecord, ModelInfo
-from handclip.search.index import FeatureIndex
+from handclip.search.searcher import gallery_index
 
 INSERT_BATCH = 10_000
 
@@ -31,7 +31,7 @@ def run_search_bench(out: str | os.PathLike, sizes=(10_000, 100_000, 1_000_000),
                      top: int = 20, extra_backends: dict | None = None, enrol_images: int = 128,
                      image_size: tuple[int, int] = (1600, 1200), workdir: str | os.PathLike | None = None) -> dict:
     """Measure and write ``out`` (JSON); ``extra_backends`` ``{rows: [backend, ...]}`` also times
-    forced backends at those sizes (e.g. ``{1_000_000: ["faiss"]}``)."""
+    forced backends at those sizes (e.g. ``{1_000_000: ["float16"]}``)."""
     with tempfile.TemporaryDirectory(prefix="handclip-search-bench-", dir=workdir) as scratch:
         scratch = Path(scratch)
         result = {
@@ -100,19 +100,22 @@ def bench_gallery(scratch: Path, rows: int, dim: int, queries: int, top: int, ba
     insert_rate = None if db.exists() else fill_random(db, rows, dim)
     rss_before = _rss_bytes()
     start = time.perf_counter()
-    with Gallery.open(db) as gallery:
-        _, index = FeatureIndex.from_chunks(gallery.feature_chunks(), dim, backend)
+    gallery = Gallery.open(db)  # stays open: the compact backends rescore from it, as Searcher's do
+    _, index = gallery_index(gallery, backend)
     load_s = time.perf_counter() - start
     rss_growth = _rss_bytes() - rss_before
     rng = np.random.default_rng(1)
     near = _stored_features(db, rng.integers(1, rows + 1, queries))  # queries near gallery rows, as real ones are
     near += 0.05 * rng.standard_normal(near.shape, dtype=np.float32)
-    index.search(near[:1], top)  # warm-up
-    latencies_ms = []
-    for query in near:
-        begin = time.perf_counter()
-        index.search(query[None], top)
-        latencies_ms.append((time.perf_counter() - begin) * 1000)
+    try:
+        index.search(near[:1], top)  # warm-up
+        latencies_ms = []
+        for query in near:
+            begin = time.perf_counter()
+            index.search(query[None], top)
+            latencies_ms.append((time.perf_counter() - begin) * 1000)
+    finally:
+        gallery.close()
     return {"rows": rows, "dim": dim, "backend": index.backend, "top": top, "queries": queries,
             "insert_rows_per_s": None if insert_rate is None else round(insert_rate),
             "db_bytes": sum(_size(db.with_name(db.name + suffix)) for suffix in ("", "-wal")),

@@ -37,6 +37,16 @@ def queries_from_paths(paths) -> list[Query]:
     return queries
 
 
+def gallery_index(gallery: Gallery, backend: str = "auto") -> tuple[list[str], FeatureIndex]:
+    """The features of ``gallery`` in an index (and each row's sha256); a compact index rescores its
+    candidates from the float32 features in the gallery file."""
+    sha256s: list[str] = []
+    exact_rows = lambda rows: gallery.features_of([sha256s[i] for i in rows])  # noqa: E731
+    loaded, index = FeatureIndex.from_chunks(gallery.feature_chunks(), gallery.model.feature_dim, backend, exact_rows)
+    sha256s += loaded
+    return sha256s, index
+
+
 class Searcher:
     """A gallery opened for searching. ``checkpoint`` overrides where the gallery's model is read
     from (it must be the same file by sha256); ``calibration`` is a calibration folder. Both paths
@@ -81,8 +91,7 @@ class Searcher:
         generation = self.gallery.generation
         if generation == self._generation:
             return
-        self.sha256s, self.index = FeatureIndex.from_chunks(self.gallery.feature_chunks(),
-                                                            self.gallery.model.feature_dim, self.backend)
+        self.sha256s, self.index = gallery_index(self.gallery, self.backend)
         self._generation = generation
 
     def search(self, queries: list[Query], top: int = 20) -> list[dict]:
