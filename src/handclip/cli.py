@@ -35,7 +35,7 @@ def _synth(args):
         size = (int(width), int(height))
     except ValueError:
         raise UserError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 400x300") from None
-    info = synthesize(args.out, ids=args.ids, per_aspect=args.per_aspect, size=size, seed=args.seed)
+    info = synthesize(args.out, ids=args.ids, per_aspect=args.per_aspect, size=size, seed=args.seed, style=args.style)
     print(f"wrote {info['images']} images of {info['identities']} identities to {args.out}")
 
 
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-aspect", type=int, default=4, help="photos per identity and aspect")
     p.add_argument("--size", default="160x120", help="WIDTHxHEIGHT (11k is 1600x1200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=["varied", "studio"], default="varied",
+                   help="varied scenes (default) or studio photos (plain backdrop, upright, even light)")
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("train", help="fine-tune a CLIP image encoder")
