@@ -6,7 +6,6 @@ Heavy imports (torch, open_clip) happen inside the handlers so ``handclip synth`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -344,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_compare)
 
-    p = sub.add_parser("demo", help="synthesise hands, evaluate untrained, train tiny, evaluate again")
+    p = sub.add_parser("demo", help="synthesise hands; evaluate a random-init, a pretrained (zero-shot) and a "
+                                     "fine-tuned tiny model")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (tests)")
     p.add_argument("--quiet", action="store_true")
@@ -471,8 +471,6 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False) is False and os.environ.get("CI"):
-        args.quiet = True  # no progress bars in CI logs
     try:
         args.handler(args)
     except UserError as exc:
