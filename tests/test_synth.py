@@ -199,3 +199,29 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["photos.txt"]
     with pytest.raises(UserError, match="is a file"):
         synthesize(tmp_path / "photos.txt", ids=2, per_aspect=2, size=(48, 36))
+
+
+def test_studio_style_photographs_the_same_people_on_a_plain_light_backdrop(tmp_path):
+    varied, studio = tmp_path / "varied", tmp_path / "studio"
+    synthesize(varied, ids=3, per_aspect=2, size=(64, 48), seed=2)
+    synthesize(studio, ids=3, per_aspect=2, size=(64, 48), seed=2, style="studio")
+    assert (studio / "HandInfo.csv").read_bytes() == (varied / "HandInfo.csv").read_bytes()  # same people, photos
+    assert "--style studio" in (studio / "SYNTHETIC.txt").read_text()
+    assert "--style" not in (varied / "SYNTHETIC.txt").read_text()
+
+    def plain_light_top_corners(root):
+        """Per photo: are both top corners (the backdrop) light and nearly grey?"""
+        verdicts = []
+        for path in sorted((root / "Hands").iterdir()):
+            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+            corners = [pixels[:4, :4].reshape(-1, 3).mean(0), pixels[:4, -4:].reshape(-1, 3).mean(0)]
+            verdicts.append(all(c.min() > 160 and c.max() - c.min() < 45 for c in corners))
+        return verdicts
+
+    assert all(plain_light_top_corners(studio))
+    assert sum(plain_light_top_corners(varied)) < len(plain_light_top_corners(varied)) / 2
+
+
+def test_an_unknown_style_is_refused():
+    with pytest.raises(UserError, match="--style nope"):
+        synthesize("never", ids=2, per_aspect=2, style="nope")

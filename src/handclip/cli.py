@@ -6,7 +6,6 @@ Heavy imports (torch, open_clip) happen inside the handlers so ``handclip synth`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def _synth(args):
         size = (int(width), int(height))
     except ValueError:
         raise UserError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 400x300") from None
-    info = synthesize(args.out, ids=args.ids, per_aspect=args.per_aspect, size=size, seed=args.seed)
+    info = synthesize(args.out, ids=args.ids, per_aspect=args.per_aspect, size=size, seed=args.seed, style=args.style)
     print(f"wrote {info['images']} images of {info['identities']} identities to {args.out}")
 
 
@@ -265,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-aspect", type=int, default=4, help="photos per identity and aspect")
     p.add_argument("--size", default="160x120", help="WIDTHxHEIGHT (11k is 1600x1200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", choices=["varied", "studio"], default="varied",
+                   help="varied scenes (default) or studio photos (plain backdrop, upright, even light)")
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("train", help="fine-tune a CLIP image encoder")
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_compare)
 
-    p = sub.add_parser("demo", help="synthesise hands, evaluate untrained, train tiny, evaluate again")
+    p = sub.add_parser("demo", help="synthesise hands; evaluate a random-init, a pretrained (zero-shot) and a "
+                                     "fine-tuned tiny model")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (tests)")
     p.add_argument("--quiet", action="store_true")
@@ -469,8 +471,6 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False) is False and os.environ.get("CI"):
-        args.quiet = True  # no progress bars in CI logs
     try:
         args.handler(args)
     except UserError as exc:

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from handclip.data.images import load_resized
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_json
+from handclip.progress import progress as progress_bar
 
 FORMAT_VERSION = 1  # bump when the stored geometry or resampling changes
 CHUNK = 16  # images per task handed to a decoding worker
@@ -146,8 +146,8 @@ def _decode_into(tmp: Path, paths: list[Path], size: int, progress: bool, worker
         with open(tmp, "r+b") as handle:
             # Reserve the disk space now: a full disk then fails here, not with SIGBUS mid-write.
             os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-    images = tqdm(_decode_all(paths, size, workers), total=len(paths), desc="decode images", unit="img",
-                  disable=not progress)
+    images = progress_bar(_decode_all(paths, size, workers), total=len(paths), desc="decode images", unit="img",
+                          enabled=progress)
     for i, image in enumerate(images):
         out[i] = image
     out.flush()

@@ -7,6 +7,11 @@ rotation, scale, position, camera tilt, background, clutter, sleeve, light gradi
 sensor noise and JPEG quality. Identity lives in shape and marks, never in colour alone: skin tones
 come from a few values shared by many people, and every photo gets its own colour cast.
 
+Two photo styles: ``varied`` (the default: the scenes above, photos taken anywhere) and ``studio``
+(a plain light backdrop, the hand upright and centred, even light, like the 11k Hands studio). The
+demo's pretrained backbone learned hands from studio photos of other people
+(tools/pretrain_demo_backbone.py); the demo then meets them in varied scenes.
+
 Geometry is in hand units (palm width about 1), in the frame of a right hand seen from the back with
 the fingers up (thumb at -x, little finger at +x, y up). Every photo is drawn at an internal
 resolution and then resized, so a hand looks the same at 160x120 and at 1600x1200.
@@ -39,6 +44,7 @@ TRAIN_FRACTION = 0.65
 INTERNAL_SHORT_SIDE = 480  # drawing resolution of the image's short side
 HAND_UNIT = 0.36  # pixels per hand unit, as a fraction of the short side, at scale 1
 ACCESSORY_EVERY = 3  # every third identity gets one extra photo with a ring or watch in each aspect
+STYLES = ("varied", "studio")
 
 RGB = tuple[int, int, int]
 # A few skin tones, each shared by many identities, so colour alone cannot tell people apart.
@@ -127,14 +133,15 @@ NEUTRAL_SCENE = Scene(rotation=0.0, scale=1.0, shift=(0.0, 0.0), tilt=1.0, backg
 
 
 def synthesize(out, ids: int = 40, per_aspect: int = 4, size: tuple[int, int] = (160, 120), seed: int = 0,
-               workers: int = 1) -> dict:
+               workers: int = 1, style: str = "varied") -> dict:
     """Write ``out/Hands/*.jpg`` and ``out/HandInfo.csv`` (11k Hands format); return the counts.
 
     ``out`` is replaced whole, so it must be missing, empty, or an earlier synth output.
     Same arguments → byte-identical files, whatever ``workers`` (processes drawing the photos).
+    ``style``: one of ``STYLES`` (see the module's doc).
     """
     out = Path(out)
-    _check_arguments(out, ids, per_aspect, size, seed)
+    _check_arguments(out, ids, per_aspect, size, seed, style)
     plan = []  # (person, 11k aspect label, rng seed, accessory), in file-number order
     rows = []
     for index, subject in enumerate(subject_ids(ids)):
@@ -146,23 +153,25 @@ def synthesize(out, ids: int = 40, per_aspect: int = 4, size: tuple[int, int] = 
             for photo, accessory in enumerate(accessories):
                 plan.append((person, aspect, (seed, 1, index, aspect_index, photo), accessory))
                 rows.append(_csv_row(subject, person, aspect, f"Hand_{len(rows) + 1:07d}.jpg", accessory is not None))
-    draw = partial(_photo_jpeg, size=size)
+    draw = partial(_photo_jpeg, size=size, style=style)
     with atomic_directory(out) as tmp, ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         (tmp / "Hands").mkdir()
         photos = pool.map(draw, plan, chunksize=8) if pool else map(draw, plan)
         for row, jpeg in zip(rows, photos):
             (tmp / "Hands" / row[HAND_INFO_COLUMNS.index("imageName")]).write_bytes(jpeg)
         (tmp / "HandInfo.csv").write_text(csv_text(HAND_INFO_COLUMNS, rows), encoding="utf-8")
+        style_flag = "" if style == STYLES[0] else f" --style {style}"
         (tmp / MARKER_FILE).write_text(
             f"written by: handclip synth --ids {ids} --per-aspect {per_aspect} --size {size[0]}x{size[1]} "
-            f"--seed {seed}\nthis folder is replaced whole by the next synth run into it\n", encoding="utf-8")
+            f"--seed {seed}{style_flag}\nthis folder is replaced whole by the next synth run into it\n",
+            encoding="utf-8")
     return {"images": len(rows), "identities": ids}
 
 
-def _photo_jpeg(item: tuple, size: tuple[int, int]) -> bytes:
+def _photo_jpeg(item: tuple, size: tuple[int, int], style: str) -> bytes:
     person, aspect, rng_seed, accessory = item
     rng = np.random.default_rng(list(rng_seed))
-    image = render_photo(person, aspect, size, rng, accessory=accessory)
+    image = render_photo(person, aspect, size, rng, accessory=accessory, style=style)
     return _jpeg(image, quality=int(rng.integers(60, 96)))
 
 
@@ -176,7 +185,7 @@ def subject_ids(count: int) -> list[str]:
     return [f"{number:07d}" for number in train + test]
 
 
-def _check_arguments(out: Path, ids, per_aspect, size, seed) -> None:
+def _check_arguments(out: Path, ids, per_aspect, size, seed, style) -> None:
     if not 2 <= ids <= MAX_IDS:
         raise UserError(f"--ids {ids}: must be between 2 and {MAX_IDS} (the protocol needs train and test identities)")
     if not 2 <= per_aspect <= MAX_PER_ASPECT:
@@ -187,6 +196,8 @@ def _check_arguments(out: Path, ids, per_aspect, size, seed) -> None:
         raise UserError(f"--size {'x'.join(map(str, size))}: each side must be between {low} and {high} pixels")
     if seed < 0:
         raise UserError(f"--seed {seed}: must be 0 or more")
+    if style not in STYLES:
+        raise UserError(f"--style {style}: must be one of {', '.join(STYLES)}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER_FILE).exists():
@@ -346,19 +357,19 @@ def _asymmetric_twin(hand: Hand, rng: np.random.Generator) -> Hand:
 
 
 def render_photo(person: Person, aspect: str, size: tuple[int, int], rng: np.random.Generator,
-                 nuisance: bool = True, accessory: Optional[str] = None) -> Image.Image:
+                 nuisance: bool = True, accessory: Optional[str] = None, style: str = "varied") -> Image.Image:
     """One RGB photo of ``person``'s hand; ``aspect`` is an 11k label such as ``"dorsal right"``.
 
-    The finger pose always varies with ``rng``; with ``nuisance=False`` the scene is fixed (white
-    background, centred, upright, even light, sharp), which shows what identity alone looks like.
-    ``accessory``: None, "ring" or "watch".
+    The finger pose always varies with ``rng``; the scene follows ``style`` ("varied" or "studio").
+    With ``nuisance=False`` the scene is fixed (white background, centred, upright, even light,
+    sharp), which shows what identity alone looks like. ``accessory``: None, "ring" or "watch".
     """
     view, side = aspect.split()
     hand = person.left if side == "left" else person.right
     palmar = view == "palmar"
     spread = rng.uniform(-0.4, 0.6)  # the whole hand opens or closes
     angles = tuple(d.angle * (1 + spread) + rng.uniform(-4, 4) for d in hand.digits)
-    scene = _random_scene(rng) if nuisance else NEUTRAL_SCENE
+    scene = (_random_scene(rng) if style == "varied" else _studio_scene(rng)) if nuisance else NEUTRAL_SCENE
     internal = _internal_size(size)
     image = _background(scene, internal, rng)
     fingertips = max(d.base[1] + d.length for d in hand.digits)
@@ -381,6 +392,20 @@ def _random_scene(rng: np.random.Generator) -> Scene:
         sleeve_start=rng.uniform(0.3, 1.2), light=(rng.uniform(0.7, 1.0), rng.uniform(0.95, 1.2)),
         light_angle=rng.uniform(0, 2 * math.pi), cast=tuple(rng.uniform(0.85, 1.15, size=3)),
         blur=rng.uniform(0, 0.008), noise=rng.uniform(1, 7))
+
+
+def _studio_scene(rng: np.random.Generator) -> Scene:
+    """A studio photo: a plain light backdrop, the hand nearly upright and centred, no sleeve or
+    clutter, even light, a faint cast; what still varies is the finger pose and the camera's small moves."""
+    grey = rng.uniform(0.8, 1.0)
+    backdrop = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.08), grey))
+    return Scene(
+        rotation=rng.uniform(-6, 6), scale=rng.uniform(0.95, 1.05),
+        shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.03, 0.03)), tilt=rng.uniform(0.97, 1.0),
+        background=(backdrop, _jitter_colour(backdrop, rng, 8)), background_angle=rng.uniform(0, 2 * math.pi),
+        clutter=0, sleeve=None, sleeve_start=0.0, light=(rng.uniform(0.92, 1.0), rng.uniform(1.0, 1.05)),
+        light_angle=rng.uniform(0, 2 * math.pi), cast=tuple(rng.uniform(0.97, 1.03, size=3)),
+        blur=rng.uniform(0, 0.003), noise=rng.uniform(1, 3))
 
 
 def _random_background_colour(rng) -> RGB:

@@ -253,8 +253,10 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
     first.cmc_mean = np.mean(cmcs, axis=0)
     # wall seconds: encoding every image once, then all splits' distances, rankings and metrics
     seconds = {"encode": encoded - started, "after_encoding": time.perf_counter() - encoded}
-    return summarise(protocol, per_split, options) | {"verification": summarise_verification(verification),
-                                                      "seconds": seconds}, first
+    result = summarise(protocol, per_split, options) | {"verification": summarise_verification(verification),
+                                                        "seconds": seconds}
+    result["cmc"] = [float(rate) for rate in first.cmc_mean]  # rank 1..10, mean over splits: reports plot it
+    return result, first
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:

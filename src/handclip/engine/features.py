@@ -5,10 +5,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from handclip.data.datasets import BatchLoader
 from handclip.engine.encoder import Encoder
+from handclip.progress import progress as progress_bar
 
 
 def extract_features(encoder: Encoder, dataset, indices: Sequence[int] | None = None, batch_size: int = 128,
@@ -19,7 +19,7 @@ def extract_features(encoder: Encoder, dataset, indices: Sequence[int] | None = 
     # read ahead in a thread (pinned memory on a GPU) while the model encodes the current batch
     loader = BatchLoader(dataset, batches, pin_memory=encoder.device.type == "cuda")
     chunks = []
-    for _, batch in tqdm(loader, desc=desc, total=len(batches), disable=not progress, leave=False, unit="batch"):
+    for _, batch in progress_bar(loader, desc=desc, total=len(batches), enabled=progress, nested=True, unit="batch"):
         chunks.append(encoder.embed_uint8(batch, flip=flip))
     if not chunks:
         return torch.empty(0, encoder.dim)

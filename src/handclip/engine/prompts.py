@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
-from tqdm import tqdm
 
 from handclip.config import Config, PromptConfig
 from handclip.data.transforms import EvalTransform
 from handclip.engine.encoder import autocast
 from handclip.errors import UserError
+from handclip.progress import progress
 
 LOGIT_SCALE = 100.0
 PLACEHOLDER = "X"
@@ -158,7 +158,7 @@ def train_prompts(backbone, features: torch.Tensor, labels: torch.Tensor, num_cl
     optimizer = torch.optim.Adam(learner.parameters(), lr=prompt.lr, weight_decay=prompt.weight_decay)
     features, labels = features.to(device), labels.to(device)
     losses = []
-    bar = tqdm(range(prompt.stage1_epochs), desc="stage 1: identity prompts", disable=quiet, unit="epoch")
+    bar = progress(range(prompt.stage1_epochs), desc="stage 1: identity prompts", enabled=not quiet, unit="epoch")
     for epoch in bar:
         for group in optimizer.param_groups:
             group["lr"] = prompt_lr(epoch, prompt, prompt.stage1_epochs)
@@ -179,7 +179,7 @@ def train_prompts(backbone, features: torch.Tensor, labels: torch.Tensor, num_cl
         losses.append(total / len(labels))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if losses and not quiet:
-        tqdm.write(f"stage 1: prompt loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} epochs")
+        print(f"stage 1: prompt loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} epochs")
     with torch.no_grad():
         texts = torch.cat([learner.text_features(backbone, classes)
                            for classes in torch.arange(num_classes, device=device).split(prompt.batch_size)])

@@ -18,7 +18,6 @@ import time
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from handclip.config import Config, TrainConfig
 from handclip.data.datasets import ImageDataset
@@ -31,6 +30,7 @@ from handclip.engine.state import TrainingState, build_training, training_device
 from handclip.errors import UserError
 from handclip.history import VAL_COLUMNS
 from handclip.metrics import evaluate_ranking, pairwise_distance
+from handclip.progress import progress
 
 RANK_SEED_STRIDE = 1_000_000_007  # separates the processes' augmentation seeds (epochs never reach it)
 
@@ -66,8 +66,8 @@ class Trainer:
             self.run.write_start(state.config, self.invocation, state.data.class_names, state.device)
         if state.uses_prompts and state.text_features is None:
             state.text_features = self.learn_prompts()
-        bar = tqdm(range(start, epochs), desc=f"train {self.run.root.name}", disable=self.quiet,
-                   initial=start, total=epochs, unit="epoch")
+        bar = progress(range(start, epochs), desc=f"train {self.run.root.name}", enabled=not self.quiet,
+                       initial=start, total=epochs, unit="epoch", per_item=True)
         for epoch in bar:
             row = self.train_epoch(epoch)
             if self.main:
@@ -93,8 +93,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=state.device)
         seen = 0
         started = time.perf_counter()
-        for indices, images in tqdm(state.loader, desc=f"epoch {epoch + 1}", total=len(state.sampler),
-                                    disable=self.quiet, leave=False, unit="batch"):
+        for indices, images in progress(state.loader, desc=f"epoch {epoch + 1}", total=len(state.sampler),
+                                        enabled=not self.quiet, nested=True, unit="batch"):
             terms, logits, labels = self.train_batch(indices, images, generator)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.double() * len(indices)

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from handclip.data.manifests import IMAGE_SUFFIXES
 from handclip.errors import UserError
 from handclip.fileio import sha256_file
 from handclip.gallery.store import Gallery, GalleryRecord, ModelInfo
+from handclip.progress import progress as progress_bar
 
 MANIFEST_COLUMNS = ("image", "identity")  # required; `aspect` is read when present, others kept as metadata
 
@@ -111,7 +111,7 @@ def enrol(db: str | os.PathLike, checkpoint: str | os.PathLike, items: list[Enro
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     unique: dict[str, EnrolItem] = {}
-    for item in tqdm(items, desc="check and hash", disable=not progress, leave=False, unit="img"):
+    for item in progress_bar(items, desc="check and hash", enabled=progress, unit="img"):
         check_image(item.path)
         unique.setdefault(sha256_file(item.path), item)
     encoder = load_model(checkpoint, device=device)
@@ -119,13 +119,11 @@ def enrol(db: str | os.PathLike, checkpoint: str | os.PathLike, items: list[Enro
         enrolled = gallery.known(unique)
         todo = [(sha, item) for sha, item in unique.items() if sha not in enrolled]
         added = 0
-        bar = tqdm(total=len(todo), desc="enrol", disable=not progress, leave=False, unit="img")
-        for start in range(0, len(todo), batch_size):
+        starts = range(0, len(todo), batch_size)
+        for start in progress_bar(starts, desc=f"enrol {len(todo)} images", enabled=progress, unit="batch"):
             batch = todo[start:start + batch_size]
             features = encoder.encode([item.path for _, item in batch]).numpy()
             added += gallery.add([GalleryRecord(sha, str(item.path.resolve()), row, item.identity, item.aspect,
                                                 item.metadata) for (sha, item), row in zip(batch, features)])
-            bar.update(len(batch))
-        bar.close()
         total = gallery.info()["images"]
     return {"added": added, "skipped": len(items) - added, "images": total}

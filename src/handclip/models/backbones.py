@@ -1,7 +1,8 @@
 """CLIP image encoders from open_clip, with their weights, as re-ID backbones.
 
-``create_backbone`` builds any open_clip architecture, or the tiny random-init presets
-``tiny-vit`` / ``tiny-rn`` (JSON configs in ``model_configs/``), and loads weights from an
+``create_backbone`` builds any open_clip architecture, or the tiny presets ``tiny-vit`` /
+``tiny-rn`` / ``tiny-rn-96`` (JSON configs in ``model_configs/``; ``tiny-rn-96`` is the demo's
+pretrained backbone, handclip.weights), and loads weights from an
 open_clip tag, a local file, or none. Loading never unpickles Python objects: state dicts go
 through ``torch.load(weights_only=True)``, ``.safetensors`` files through safetensors, and OpenAI's
 original TorchScript ``.pt`` archives through ``torch.jit.load`` (it rebuilds TorchScript code and
@@ -195,14 +196,15 @@ def create_backbone(arch: str, pretrained: str = "none", image_size: int | None 
     weights_path, tag_cfg = _resolve_weights(arch, pretrained)
     state_dict, openai_archive = _read_weights(weights_path) if weights_path else ({}, False)
     use_quick_gelu = _resolve_quick_gelu(arch, quick_gelu, openai_archive or bool(tag_cfg.get("quick_gelu")))
-    if quick_gelu == "auto" and not use_quick_gelu and weights_path and not tag_cfg:
-        _tell_quick_gelu_unknown(weights_path, arch)
     with _quiet_logging():
         clip = open_clip.create_model(
             arch, pretrained=None, force_image_size=image_size, force_custom_text=True,
             # OpenAI's weights were trained with QuickGELU; open_clip 3 no longer switches by itself.
             force_quick_gelu=use_quick_gelu,
             force_preprocess_cfg=preprocess or {k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg})
+    if quick_gelu == "auto" and not use_quick_gelu and weights_path and not tag_cfg \
+            and _uses_gelu(clip if keep_text else clip.visual):
+        _tell_quick_gelu_unknown(weights_path, arch)
     if last_stride is not None:
         _set_last_stride(clip.visual, last_stride, arch)
     if weights_path:
@@ -216,12 +218,12 @@ def create_backbone(arch: str, pretrained: str = "none", image_size: int | None 
 
 
 def is_known_arch(arch: str) -> bool:
-    """Whether ``arch`` is an open_clip model name or tiny-vit / tiny-rn."""
+    """Whether ``arch`` is an open_clip model name or one of ours (tiny-vit, tiny-rn, tiny-rn-96)."""
     return arch in open_clip.list_models()
 
 
 def check_arch(arch: str) -> None:
-    """A ``UserError`` with suggestions unless ``arch`` is an open_clip model (or tiny-vit/tiny-rn)."""
+    """A ``UserError`` with suggestions unless ``arch`` is an open_clip model (or one of ours)."""
     if not is_known_arch(arch):
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
@@ -251,6 +253,11 @@ def _resolve_quick_gelu(arch: str, setting: bool | str, implied_by_weights: bool
 
 
 _TOLD_QUICK_GELU: set[Path] = set()
+
+
+def _uses_gelu(module: nn.Module) -> bool:
+    """Whether the choice of GELU matters: CLIP's ResNet image tower has none (ReLU only)."""
+    return any(isinstance(m, nn.GELU) for m in module.modules())
 
 
 def _tell_quick_gelu_unknown(path: Path, arch: str) -> None:

@@ -31,7 +31,7 @@ figcaption { color: #555; margin-top: 0.3em; }
 def write_report(out_dir, title: str, results: dict | Sequence[dict],
                  images: Sequence[tuple[str, str | os.PathLike]] = (),
                  missed: Sequence[tuple[Hashable, int]] = (),
-                 history_pngs: Sequence[str | os.PathLike] = ()) -> Path:
+                 history_pngs: Sequence[str | os.PathLike] = (), row_header: str = "aspect") -> Path:
     """Write ``out_dir/report.html`` atomically and return its path.
 
     ``results``: a results.json object ``{"aspect", "protocol", "num_splits", "splits": [...],
@@ -43,12 +43,13 @@ def write_report(out_dir, title: str, results: dict | Sequence[dict],
     ``missed``: ``(identity, count)`` of the identities most often missed at rank 1.
     Published results (:mod:`handclip.published`) appear only beside a result on the same aspect
     under the same protocol, each in the column of its own AP definition.
+    ``row_header``: the table's first column, which shows each result's ``aspect``.
     """
     out_dir = Path(out_dir)
     if isinstance(results, dict):
         results = results.get("aspects", [results])
-    parts = [f"<h1>{_text(title)}</h1>", "<h2>Results</h2>", _results_table(results), _published_section(results)]
-    parts.append(_verification_table(results))
+    parts = [f"<h1>{_text(title)}</h1>", "<h2>Results</h2>", _results_table(results, row_header), _published_section(results)]
+    parts.append(_verification_table(results, row_header))
     parts += [_split_details(result) for result in results if result.get("splits")]
     if images:
         parts.append("<h2>Pictures</h2>")
@@ -70,8 +71,8 @@ def _text(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _results_table(results: Sequence[dict]) -> str:
-    header = ["aspect", "protocol", "splits", "queries"] + [name for _, name in METRIC_COLUMNS]
+def _results_table(results: Sequence[dict], row_header: str) -> str:
+    header = [row_header, "protocol", "splits", "queries"] + [name for _, name in METRIC_COLUMNS]
     rows = []
     for result in results:
         mean, std = result.get("mean", result), result.get("std")
@@ -110,15 +111,15 @@ def _published_section(results: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
-def _verification_table(results: Sequence[dict]) -> str:
+def _verification_table(results: Sequence[dict], row_header: str) -> str:
     """Results' ``"verification"`` (every query x gallery pair as same or different source), when present."""
-    summaries = [(result.get("aspect", ""), result.get("verification") or {}) for result in results]
-    rows = [[aspect] + [_percent(summary["mean"][key], summary["std"][key]) for key, _ in VERIFICATION_COLUMNS]
-            for aspect, summary in summaries if summary.get("mean")]
+    rows = [[result.get("aspect", ""), result.get("protocol", "")]
+            + [_percent(summary["mean"][key], summary["std"][key]) for key, _ in VERIFICATION_COLUMNS]
+            for result in results if (summary := result.get("verification") or {}).get("mean")]
     if not rows:
         return ""
     return ("<h2>Verification</h2>\n<p>Every query x gallery pair scored as same or different source (%, mean ± std "
-            "over splits).</p>\n" + _table(["aspect"] + [name for _, name in VERIFICATION_COLUMNS], rows))
+            "over splits).</p>\n" + _table([row_header, "protocol"] + [name for _, name in VERIFICATION_COLUMNS], rows))
 
 
 def _percent(mean: float | None, std: float | None) -> str:
@@ -131,7 +132,8 @@ def _split_details(result: dict) -> str:
     header = ["split", "queries"] + [name for _, name in METRIC_COLUMNS]
     rows = [[i, split.get("num_queries", "")] + [_percent(split.get(key), None) for key, _ in METRIC_COLUMNS]
             for i, split in enumerate(result["splits"])]
-    return (f"<details><summary>{_text(result.get('aspect', 'results'))}: every split (%)</summary>\n"
+    label = result.get("aspect", "results") + (f" ({result['protocol']})" if result.get("protocol") else "")
+    return (f"<details><summary>{_text(label)}: every split (%)</summary>\n"
             f"{_table(header, rows)}</details>")
 
 
