@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import handclip
 from handclip.errors import UserError
@@ -13,7 +14,8 @@ from handclip.forensic.calibration import (
     METHODS, cross_validated_llr, elub_bounds, fit_calibrator, load_calibrator, subject_folds)
 from handclip.forensic.validation import cllr, cllr_min, empirical_cross_entropy, pav_llr, validation_summary
 from handclip.forensic.verbal import verbal_equivalent
-from handclip.forensic.verification import summarise_verification, verification_metrics
+from handclip.forensic.verification import (
+    summarise_verification, verification_metrics, verification_metrics_on_device)
 
 
 def gaussian_scores(n_same=300, n_different=1200, gap=1.5, seed=0):
@@ -100,6 +102,26 @@ def test_verification_metrics_match_a_threshold_sweep():
         assert metrics[key] == pytest.approx(min(fnm for fm, fnm in points if fm <= target))
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a in scores[same] for b in scores[~same]]
     assert metrics["auc"] == pytest.approx(sum(wins) / len(wins))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_verification_on_the_device_equals_scikit_learns(seed):
+    rng = np.random.default_rng(seed)
+    scores, same = gaussian_scores(n_same=int(rng.integers(1, 80)), n_different=int(rng.integers(1, 900)),
+                                   gap=float(rng.uniform(0, 3)), seed=seed)
+    if seed % 2:
+        scores = np.round(scores, 1)  # runs of tied scores
+    expected = verification_metrics(scores, same)
+    got = verification_metrics_on_device(torch.from_numpy(scores), torch.from_numpy(same))
+    assert got.keys() == expected.keys()
+    assert all(got[key] == pytest.approx(expected[key], abs=1e-12) for key in expected), (got, expected)
+
+
+def test_verification_on_the_device_of_separated_and_one_class_scores():
+    perfect = verification_metrics_on_device(torch.tensor([[0.9, 0.8], [0.1, 0.2]]), torch.tensor([[1, 1], [0, 0]]).bool())
+    assert perfect == {"eer": 0.0, "fnmr_at_fmr_1e-2": 0.0, "fnmr_at_fmr_1e-3": 0.0, "auc": 1.0}
+    assert verification_metrics_on_device(torch.tensor([0.5, 0.6]), torch.tensor([True, True])) is None
+    assert verification_metrics_on_device(torch.tensor([0.5, 0.6]), torch.tensor([False, False])) is None
 
 
 def test_verification_of_separated_and_one_class_scores():

@@ -94,7 +94,7 @@ def ranking_metrics(dist: torch.Tensor, query_ids: Sequence[Hashable], gallery_i
     the device at the end."""
     if dist.shape != (len(query_ids), len(gallery_ids)):
         raise ValueError(f"dist has shape {tuple(dist.shape)}, expected ({len(query_ids)}, {len(gallery_ids)})")
-    query_codes, gallery_codes = (torch.from_numpy(c).to(dist.device) for c in _encode_ids(query_ids, gallery_ids))
+    query_codes, gallery_codes = (torch.from_numpy(c).to(dist.device) for c in encode_ids(query_ids, gallery_ids))
     order = torch.sort(dist, dim=1, stable=True).indices
     matches = gallery_codes[order] == query_codes[:, None]
     num_matches = matches.sum(dim=1)
@@ -133,12 +133,12 @@ def ranked_matches(dist, query_ids: Sequence[Hashable],
     dist = np.asarray(dist)
     if dist.shape != (len(query_ids), len(gallery_ids)):
         raise ValueError(f"dist has shape {dist.shape}, expected ({len(query_ids)}, {len(gallery_ids)})")
-    query_codes, gallery_codes = _encode_ids(query_ids, gallery_ids)
+    query_codes, gallery_codes = encode_ids(query_ids, gallery_ids)
     order = np.argsort(dist, axis=1, kind="stable")
     return order, gallery_codes[order] == query_codes[:, None]
 
 
-def _encode_ids(query_ids, gallery_ids) -> tuple[np.ndarray, np.ndarray]:
+def encode_ids(query_ids, gallery_ids) -> tuple[np.ndarray, np.ndarray]:
     """Both id lists as integer codes of one shared table (exact equality, no dtype coercion)."""
     table: dict = {}
     query = np.array([table.setdefault(i, len(table)) for i in query_ids], dtype=np.int64)

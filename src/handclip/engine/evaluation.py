@@ -24,8 +24,9 @@ from handclip.data.training import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
-    VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics)
-from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, evaluate_ranking,
+    VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics,
+    verification_metrics_on_device)
+from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, encode_ids, evaluate_ranking,
                               k_reciprocal_rerank, pairwise_distance, ranking_metrics)
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
@@ -241,15 +242,14 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
                             f"every query is unmatched") from None
         per_split.append({k: float(metrics[k]) for k in METRIC_KEYS} | {"num_queries": int(metrics["num_queries"])})
         cmcs.append(np.asarray(metrics["cmc"]))
-        dist = dist.cpu().numpy()  # for the verification metrics, the score files and the pictures
-        scores = 1.0 - dist  # the cosine similarity (with --rerank / euclidean: 1 - that distance)
-        same = pair_labels(*keys)
-        verification.append(verification_metrics(scores, same))
-        if scores_dir is not None:
-            save_pair_scores(Path(scores_dir) / f"scores_{split}.npz", scores, same,
+        # a host copy for the CPU's verification metrics, the score files and the pictures; none else on a GPU
+        host = dist.cpu().numpy() if on_host or scores_dir is not None or first is None else None
+        verification.append(split_verification(dist, host, keys))
+        if scores_dir is not None:  # scores: the cosine similarity (with --rerank / euclidean: 1 - that distance)
+            save_pair_scores(Path(scores_dir) / f"scores_{split}.npz", 1.0 - host, pair_labels(*keys),
                              [s.image for s in queries], [s.image for s in gallery])
         if first is None:
-            first = Ranking(queries, gallery, dist, None)
+            first = Ranking(queries, gallery, host, None)
     first.cmc_mean = np.mean(cmcs, axis=0)
     # wall seconds: encoding every image once, then all splits' distances, rankings and metrics
     seconds = {"encode": encoded - started, "after_encoding": time.perf_counter() - encoded}
@@ -257,6 +257,20 @@ def evaluate_protocol(protocol: Protocol, encoders: list[Encoder], options: Eval
                                                         "seconds": seconds}
     result["cmc"] = [float(rate) for rate in first.cmc_mean]  # rank 1..10, mean over splits: reports plot it
     return result, first
+
+
+def split_verification(dist: torch.Tensor, host: np.ndarray | None, keys) -> dict | None:
+    """One split's verification metrics where its distances are: scikit-learn on the host copy
+    on a CPU, torch on the device elsewhere (the same numbers)."""
+    if dist.device.type == "cpu":
+        return verification_metrics(1.0 - host, pair_labels(*keys))
+    return verification_metrics_on_device(1.0 - dist, same_source(*keys, dist.device))
+
+
+def same_source(query_keys, gallery_keys, device: torch.device) -> torch.Tensor:
+    """``pair_labels`` as a (Q, G) boolean tensor on ``device``."""
+    query_codes, gallery_codes = (torch.from_numpy(codes).to(device) for codes in encode_ids(query_keys, gallery_keys))
+    return query_codes[:, None] == gallery_codes[None, :]
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:

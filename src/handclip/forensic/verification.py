@@ -14,12 +14,16 @@ share of same-source comparisons rejected. The operating points come from scikit
 
 Only the order of the scores matters: any increasing transform (similarity, -distance, log LR)
 gives the same numbers.
+
+``verification_metrics_on_device`` computes the same numbers with torch where the scores are (a GPU
+during evaluation): one sort, then elementwise work and one read of the device at the end.
 """
 from __future__ import annotations
 
 import io
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from handclip.fileio import atomic_write_bytes
@@ -40,6 +44,43 @@ def verification_metrics(scores, same) -> dict | None:
     metrics |= {key: float(fnmr[fmr <= target].min()) for key, target in FMR_TARGETS}
     metrics["auc"] = float(roc_auc_score(same, scores))
     return metrics
+
+
+def verification_metrics_on_device(scores: torch.Tensor, same: torch.Tensor) -> dict | None:
+    """``verification_metrics`` of a score tensor and a boolean tensor of the same shape, computed on
+    their device. The operating points are the ends of the runs of equal scores in falling order
+    (``roc_curve``'s thresholds) plus the point that accepts nothing; the AUC counts, for every
+    different-source pair, the same-source pairs above it and half of those tied with it."""
+    scores, same = scores.reshape(-1).double(), same.reshape(-1)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    ordered, positive = scores[order], same[order].double()
+    n_pos, n_neg = positive.sum(), (1.0 - positive).sum()
+    run_end = torch.ones_like(ordered, dtype=torch.bool)  # the last pair of each run of equal scores
+    run_end[:-1] = ordered[1:] != ordered[:-1]
+    fmr = (1.0 - positive).cumsum(0) / n_neg.clamp(min=1)
+    fnmr = 1.0 - positive.cumsum(0) / n_pos.clamp(min=1)
+    index = torch.arange(len(ordered), device=scores.device)
+
+    gap = fnmr - fmr  # at the point accepting nothing: 1
+    after = torch.where(run_end & (gap <= 0), index, len(ordered)).min()  # first operating point with gap <= 0
+    before = torch.where(run_end & (index < after), index, -1).max()  # the operating point before it (-1: none)
+    at = after.clamp(max=len(ordered) - 1)
+    gap_before = torch.where(before >= 0, gap[before.clamp(min=0)], 1.0)
+    fmr_before = torch.where(before >= 0, fmr[before.clamp(min=0)], 0.0)
+    eer = fmr_before + gap_before / (gap_before - gap[at]) * (fmr[at] - fmr_before)
+
+    fnmr_at = [torch.where(run_end & (fmr <= target), fnmr, 1.0).min() for _, target in FMR_TARGETS]
+
+    run = torch.cat([torch.zeros(1, dtype=torch.long, device=scores.device), run_end[:-1].long()]).cumsum(0)
+    positives_in_run = torch.zeros_like(positive).index_add_(0, run, positive)
+    positives_above_run = positives_in_run.cumsum(0) - positives_in_run
+    wins = (positives_above_run[run] + 0.5 * positives_in_run[run]) * (1.0 - positive)
+    auc = wins.sum() / (n_pos * n_neg).clamp(min=1)
+
+    values = torch.stack([eer, *fnmr_at, auc, n_pos, n_neg]).tolist()
+    if values[-2] == 0 or values[-1] == 0:
+        return None
+    return dict(zip(VERIFICATION_KEYS, values[:-2]))
 
 
 def equal_error_rate(fmr: np.ndarray, fnmr: np.ndarray) -> float:
