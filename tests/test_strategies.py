@@ -21,7 +21,7 @@ from handclip.engine.prompts import (LOGIT_SCALE, PromptLearner, image_features,
 from handclip.engine.run import RunFolder
 from handclip.engine.trainer import Trainer
 from handclip.errors import UserError
-from handclip.metrics import evaluate_ranking, pairwise_distance
+from handclip.metrics import distance_matrix, evaluate_ranking, pairwise_distance
 from handclip.models.reid import build_reid_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -186,8 +186,8 @@ def test_fusion_of_two_checkpoints_by_score_and_feature(trained, synth_root, spl
     args = [a for c in checkpoints for a in ("--checkpoint", c)] + ["--aspect", "dorsal_r"]
     by_score = evaluate(tmp_path / "score", synth_root, splits_dir, *args, "--fusion", "score")
     widths = []
-    monkeypatch.setattr(evaluation, "pairwise_distance",
-                        lambda q, g, metric="cosine": widths.append(q.shape[1]) or pairwise_distance(q, g, metric))
+    monkeypatch.setattr(evaluation, "distance_matrix",
+                        lambda q, g, metric="cosine": widths.append(q.shape[1]) or distance_matrix(q, g, metric))
     by_feature = evaluate(tmp_path / "feature", synth_root, splits_dir, *args, "--fusion", "feature")
     assert by_score["protocol"] == "single-aspect+fusion-score"
     assert by_feature["protocol"] == "single-aspect+fusion-feature"
