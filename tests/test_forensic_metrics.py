@@ -15,7 +15,7 @@ from handclip.forensic.calibration import (
 from handclip.forensic.validation import cllr, cllr_min, empirical_cross_entropy, pav_llr, validation_summary
 from handclip.forensic.verbal import verbal_equivalent
 from handclip.forensic.verification import (
-    summarise_verification, verification_metrics, verification_metrics_on_device)
+    pair_labels, pair_labels_on_device, summarise_verification, verification_metrics, verification_metrics_on_device)
 
 
 def gaussian_scores(n_same=300, n_different=1200, gap=1.5, seed=0):
@@ -115,6 +115,13 @@ def test_verification_on_the_device_equals_scikit_learns(seed):
     got = verification_metrics_on_device(torch.from_numpy(scores), torch.from_numpy(same))
     assert got.keys() == expected.keys()
     assert all(got[key] == pytest.approx(expected[key], abs=1e-12) for key in expected), (got, expected)
+
+
+def test_pair_labels_on_the_device_equal_the_host_ones():
+    query, gallery = ["0001", "0002", 7, "0001"], ["0002", "0001", "7", 7, "0003"]  # "7" is not 7
+    expected = pair_labels(query, gallery)
+    assert np.array_equal(pair_labels_on_device(query, gallery, torch.device("cpu")).numpy(), expected)
+    assert expected.sum() == 4
 
 
 def test_verification_on_the_device_of_separated_and_one_class_scores():

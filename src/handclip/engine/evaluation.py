@@ -24,9 +24,9 @@ from handclip.data.training import identity_key
 from handclip.errors import UserError
 from handclip.fileio import atomic_write_csv, atomic_write_json
 from handclip.forensic.verification import (
-    VERIFICATION_KEYS, pair_labels, save_pair_scores, summarise_verification, verification_metrics,
-    verification_metrics_on_device)
-from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, encode_ids, evaluate_ranking,
+    VERIFICATION_KEYS, pair_labels, pair_labels_on_device, save_pair_scores, summarise_verification,
+    verification_metrics, verification_metrics_on_device)
+from handclip.metrics import (RERANK_K1, RERANK_K2, RERANK_LAMBDA, distance_matrix, evaluate_ranking,
                               k_reciprocal_rerank, pairwise_distance, ranking_metrics)
 from handclip.published import PROTOCOLS, EvaluationProtocol
 
@@ -264,13 +264,7 @@ def split_verification(dist: torch.Tensor, host: np.ndarray | None, keys) -> dic
     on a CPU, torch on the device elsewhere (the same numbers)."""
     if dist.device.type == "cpu":
         return verification_metrics(1.0 - host, pair_labels(*keys))
-    return verification_metrics_on_device(1.0 - dist, same_source(*keys, dist.device))
-
-
-def same_source(query_keys, gallery_keys, device: torch.device) -> torch.Tensor:
-    """``pair_labels`` as a (Q, G) boolean tensor on ``device``."""
-    query_codes, gallery_codes = (torch.from_numpy(codes).to(device) for codes in encode_ids(query_keys, gallery_keys))
-    return query_codes[:, None] == gallery_codes[None, :]
+    return verification_metrics_on_device(1.0 - dist, pair_labels_on_device(*keys, dist.device))
 
 
 def encode_all(encoder: Encoder, images: list[Sample], options: EvaluateOptions) -> torch.Tensor:

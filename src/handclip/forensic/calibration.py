@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from handclip.errors import UserError
 from handclip.fileio import check_format
+from handclip.forensic.verification import NonFiniteValues, pair_arrays
 
 METHODS = ("logistic", "isotonic", "kde")
 CALIBRATOR_FORMAT = "handclip-calibrator"
@@ -222,13 +223,10 @@ def load_calibrator(path) -> Calibrator:
 
 
 def _pairs(scores, same) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=float).ravel()
-    same = np.asarray(same).ravel().astype(bool)
-    if scores.shape != same.shape:
-        raise ValueError(f"{scores.size} scores but {same.size} labels")
-    if not np.isfinite(scores).all():
-        raise UserError(f"{int((~np.isfinite(scores)).sum())} of the {scores.size} similarity scores are NaN "
-                        f"or infinite")
+    try:
+        scores, same = pair_arrays(scores, same, "similarity scores")
+    except NonFiniteValues as exc:  # a model that gives NaN features: the user's checkpoint
+        raise UserError(str(exc)) from None
     _require_both_classes(same, "calibration")
     return scores, same
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
-from handclip.forensic.verification import verification_metrics
+from handclip.forensic.verification import pair_arrays, verification_metrics
 
 LN10 = np.log(10.0)
 
@@ -80,12 +80,7 @@ def _log2_one_plus_lr(llr: np.ndarray) -> np.ndarray:
 
 
 def _checked(llr, same, finite: bool) -> tuple[np.ndarray, np.ndarray]:
-    llr = np.asarray(llr, dtype=float).ravel()
-    same = np.asarray(same).ravel().astype(bool)
-    if llr.shape != same.shape:
-        raise ValueError(f"{llr.size} LLRs but {same.size} labels")
-    if np.isnan(llr).any() or (finite and not np.isfinite(llr).all()):
-        raise ValueError("the LLRs hold NaN" + ("" if not finite else " or infinite values"))
+    llr, same = pair_arrays(llr, same, "LLRs", allow_infinite=not finite)
     if same.all() or not same.any():
         raise ValueError("the pairs need both same-source and different-source examples")
     return llr, same

@@ -27,6 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from handclip.fileio import atomic_write_bytes
+from handclip.metrics import encode_ids
 
 FMR_TARGETS = (("fnmr_at_fmr_1e-2", 1e-2), ("fnmr_at_fmr_1e-3", 1e-3))
 VERIFICATION_KEYS = ("eer",) + tuple(key for key, _ in FMR_TARGETS) + ("auc",)
@@ -35,7 +36,7 @@ VERIFICATION_KEYS = ("eer",) + tuple(key for key, _ in FMR_TARGETS) + ("auc",)
 def verification_metrics(scores, same) -> dict | None:
     """``{"eer", "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "auc"}`` (fractions) of ``scores``
     (higher = more alike) with labels ``same`` (1 = same source); None when one class is absent."""
-    scores, same = _checked(scores, same)
+    scores, same = pair_arrays(scores, same)
     if same.all() or not same.any():
         return None
     fmr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
@@ -98,6 +99,12 @@ def pair_labels(query_keys, gallery_keys) -> np.ndarray:
     return np.asarray(query_keys, dtype=object)[:, None] == np.asarray(gallery_keys, dtype=object)[None, :]
 
 
+def pair_labels_on_device(query_keys, gallery_keys, device: torch.device) -> torch.Tensor:
+    """``pair_labels`` as a (Q, G) boolean tensor on ``device``."""
+    query_codes, gallery_codes = (torch.from_numpy(codes).to(device) for codes in encode_ids(query_keys, gallery_keys))
+    return query_codes[:, None] == gallery_codes[None, :]
+
+
 def summarise_verification(per_split: list[dict | None]) -> dict:
     """results.json's ``"verification"``: mean and std over the splits that have both classes,
     and every split (None where a split has only one class)."""
@@ -123,11 +130,19 @@ def save_pair_scores(path, scores, same, query_images, gallery_images) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _checked(scores, same) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=float).ravel()
+class NonFiniteValues(ValueError):
+    """Scores or LLRs that hold NaN (or infinite values, where those are not allowed)."""
+
+
+def pair_arrays(values, same, name: str = "scores", allow_infinite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` as a flat float array and ``same`` as a flat boolean one, of the same length;
+    ``NonFiniteValues`` when a value is NaN (or infinite, unless ``allow_infinite``)."""
+    values = np.asarray(values, dtype=float).ravel()
     same = np.asarray(same).ravel().astype(bool)
-    if scores.shape != same.shape:
-        raise ValueError(f"{scores.size} scores but {same.size} labels")
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
-    return scores, same
+    if values.shape != same.shape:
+        raise ValueError(f"{values.size} {name} but {same.size} labels")
+    bad = np.isnan(values) if allow_infinite else ~np.isfinite(values)
+    if bad.any():
+        raise NonFiniteValues(f"{int(bad.sum())} of the {values.size} {name} are NaN"
+                              + ("" if allow_infinite else " or infinite"))
+    return values, same
