@@ -107,3 +107,11 @@ def test_the_pretraining_script_writes_a_backbone_that_loads_through_pretrained(
     backbone = create_backbone(DEMO_BACKBONE_ARCH, str(out))
     written = load_file(out)
     assert all(torch.equal(backbone.visual.state_dict()[k.removeprefix("visual.")], v) for k, v in written.items())
+
+    # the same --work again holds a run: one line, exit 2, the backbone written before untouched
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain_demo_backbone.py"), "--quick", "--out",
+                            str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1].startswith(f"pretrain_demo_backbone: error: {tmp_path / 'work' / 'run'}")
+    assert load_file(out).keys() == written.keys()
+    assert all(torch.equal(load_file(out)[k], v) for k, v in written.items())

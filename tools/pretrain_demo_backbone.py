@@ -36,6 +36,7 @@ from handclip.data.synth import synthesize
 from handclip.engine.checkpoint import load_checkpoint
 from handclip.engine.evaluation import EvaluateOptions, run_evaluate
 from handclip.engine.train import run_training
+from handclip.errors import UserError
 from handclip.fileio import atomic_write_bytes
 from handclip.models.backbones import create_backbone
 from handclip.weights import DEMO_BACKBONE, DEMO_BACKBONE_ARCH
@@ -94,4 +95,8 @@ def export_image_tower(checkpoint: dict, path: Path, metadata: dict[str, str]) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:  # e.g. --work holding an earlier run: one line, as the CLI says it
+        print(f"pretrain_demo_backbone: error: {exc}", file=sys.stderr)
+        sys.exit(2)
